@@ -1,0 +1,163 @@
+"""Small pure functions on stacks of square images, shape ``[n, L, L]``.
+
+Conventions: array axes are ``(y, x)``; the image centre is pixel
+``(L // 2, L // 2)``, which is also the zero frequency after ``fftshift``.
+Frequencies are in cycles per pixel unless a pixel size is given, then in
+1/Å.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "centered_coordinates",
+    "disk_mask",
+    "frequency_grid",
+    "fourier_crop",
+    "noise_variance_from_corners",
+    "radial_average",
+    "radial_index",
+]
+
+
+def centered_coordinates(box: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates ``(y, x)`` relative to the centre ``box // 2``.
+
+    Parameters
+    ----------
+    box : int
+        Side length ``L`` of the image.
+
+    Returns
+    -------
+    y, x : ndarray, shape (L, L)
+        Integer-valued float64 grids.
+    """
+    axis = np.arange(box, dtype=np.float64) - box // 2
+    return np.meshgrid(axis, axis, indexing="ij")
+
+
+def disk_mask(box: int, radius: float | None = None) -> np.ndarray:
+    """Boolean mask of the pixels within ``radius`` of the centre.
+
+    Parameters
+    ----------
+    box : int
+        Side length ``L``.
+    radius : float, optional
+        Radius in pixels; default ``L // 2`` (the inscribed disk).
+    """
+    if radius is None:
+        radius = box // 2
+    y, x = centered_coordinates(box)
+    return (x * x + y * y) <= radius * radius
+
+
+def frequency_grid(box: int, pixel_size: float = 1.0, centered: bool = False):
+    """Spatial frequency magnitude and angle of a 2D DFT grid.
+
+    Parameters
+    ----------
+    box : int
+        Side length ``L``.
+    pixel_size : float
+        Pixel size in Å; frequencies are returned in 1/Å (cycles per pixel
+        when 1).
+    centered : bool
+        If True the grid is in ``fftshift`` order (zero at ``L // 2``),
+        otherwise in plain FFT order.
+
+    Returns
+    -------
+    s : ndarray, shape (L, L)
+        Frequency magnitude.
+    angle : ndarray, shape (L, L)
+        ``atan2(ky, kx)`` in radians.
+    """
+    f = np.fft.fftfreq(box, d=pixel_size)
+    if centered:
+        f = np.fft.fftshift(f)
+    ky, kx = np.meshgrid(f, f, indexing="ij")
+    return np.hypot(kx, ky), np.arctan2(ky, kx)
+
+
+def radial_index(box: int, centered: bool = False) -> np.ndarray:
+    """Integer radius (in Fourier pixels) of every DFT grid point.
+
+    Shells ``0 .. L // 2`` are complete circles; larger indices are the
+    corners.
+    """
+    s, _ = frequency_grid(box, 1.0, centered=centered)
+    return np.rint(s * box).astype(np.int64)
+
+
+def radial_average(values: np.ndarray, centered: bool = False) -> np.ndarray:
+    """Average ``values[..., L, L]`` over rings of the DFT grid.
+
+    Returns an array ``[..., L // 2 + 1]`` (shell 0 to Nyquist).
+    """
+    box = values.shape[-1]
+    shells = radial_index(box, centered=centered).ravel()
+    n_shells = box // 2 + 1
+    keep = shells < n_shells
+    flat = values.reshape(values.shape[:-2] + (-1,))[..., keep]
+    shells = shells[keep]
+    counts = np.bincount(shells, minlength=n_shells)
+    out = np.stack([np.bincount(shells, weights=row, minlength=n_shells) for row in flat.reshape(-1, flat.shape[-1])])
+    return (out / counts).reshape(values.shape[:-2] + (n_shells,))
+
+
+def fourier_crop(images: np.ndarray, new_box: int) -> np.ndarray:
+    """Downsample square images by cropping their Fourier transform.
+
+    The image mean (DC term per pixel) is preserved, so pixel values keep
+    their scale. For an even ``new_box`` the unpaired Nyquist row and column
+    are dropped to keep the result real and free of aliasing.
+
+    Parameters
+    ----------
+    images : ndarray, shape (..., L, L)
+    new_box : int
+        Target side length, ``new_box <= L``.
+
+    Returns
+    -------
+    ndarray, shape (..., new_box, new_box), float32
+    """
+    box = images.shape[-1]
+    if new_box == box:
+        return np.asarray(images, dtype=np.float32)
+    if new_box > box:
+        raise ValueError(f"new_box {new_box} is larger than the box {box}")
+    spectrum = np.fft.fftshift(np.fft.fft2(images), axes=(-2, -1))
+    start = box // 2 - new_box // 2
+    cropped = spectrum[..., start : start + new_box, start : start + new_box]
+    if new_box % 2 == 0:
+        cropped = cropped.copy()
+        cropped[..., 0, :] = 0
+        cropped[..., :, 0] = 0
+    out = np.fft.ifft2(np.fft.ifftshift(cropped, axes=(-2, -1))).real
+    return (out * (new_box / box) ** 2).astype(np.float32)
+
+
+def noise_variance_from_corners(images: np.ndarray, radius: float | None = None) -> float:
+    """Noise variance estimated from the pixels outside the particle disk.
+
+    Parameters
+    ----------
+    images : ndarray, shape (n, L, L)
+    radius : float, optional
+        Particle radius in pixels; default ``L // 2``.
+
+    Returns
+    -------
+    float
+        Variance of the corner pixels after removing each image's corner
+        mean (the mean carries no noise information and differs per image).
+    """
+    box = images.shape[-1]
+    outside = ~disk_mask(box, radius)
+    corners = images[..., outside].astype(np.float64)
+    corners = corners - corners.mean(axis=-1, keepdims=True)
+    return float(np.mean(corners * corners))
