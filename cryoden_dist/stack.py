@@ -287,4 +287,7 @@ class ParticleStack:
         return name in self.group
 
     def __repr__(self) -> str:
-        return f"ParticleStack({str(self.path)!r}, n={self.n}, box={self.box}, pixel_size={self.pixel_size}, kind={self.kind!r})"
+        return (
+            f"ParticleStack({str(self.path)!r}, n={self.n}, box={self.box}, "
+            f"pixel_size={self.pixel_size}, kind={self.kind!r})"
+        )
