@@ -234,6 +234,29 @@ def denoise(stack, method, out, params, overwrite, client):
 
 
 @main.command()
+@click.argument("stack", type=_existing)
+@click.option("--radius", required=True, type=float, help="Particle radius in px (rings 0..radius).")
+@click.option("--search", default=8, show_default=True, type=int, help="sCM search half-width in px.")
+@click.option(
+    "--method", default="scm", show_default=True, help="scm (rotational-averaging landscape), cm or gm baselines."
+)
+@click.option("--apply", is_flag=True, help="Also write re-centred images to centering/images (input kept).")
+@_scheduler_options
+def center(stack, radius, search, method, apply, client):
+    """Estimate each particle's offset from the box centre (written to centering/ in STACK)."""
+    import numpy as np
+
+    from .centering import center as run_center
+
+    result = run_center(stack, radius=radius, search=search, method=method, apply=apply, client=client)
+    shifts = result.group["centering/shifts_px"][:]
+    click.echo(
+        f"centred {result.n} particles of {result.path} with {method}: "
+        f"mean |shift| {float(np.hypot(*shifts.T).mean()):.2f} px (centering/shifts_px)"
+    )
+
+
+@main.command()
 def methods():
     """List the denoising methods."""
     from .denoise import METHODS

@@ -15,6 +15,7 @@ __all__ = [
     "disk_mask",
     "frequency_grid",
     "fourier_crop",
+    "fourier_resample",
     "fourier_shift",
     "noise_variance_from_corners",
     "radial_average",
@@ -112,10 +113,6 @@ def radial_average(values: np.ndarray, centered: bool = False) -> np.ndarray:
 def fourier_crop(images: np.ndarray, new_box: int) -> np.ndarray:
     """Downsample square images by cropping their Fourier transform.
 
-    The image mean (DC term per pixel) is preserved, so pixel values keep
-    their scale. For an even ``new_box`` the unpaired Nyquist row and column
-    are dropped to keep the result real and free of aliasing.
-
     Parameters
     ----------
     images : ndarray, shape (..., L, L)
@@ -125,21 +122,49 @@ def fourier_crop(images: np.ndarray, new_box: int) -> np.ndarray:
     Returns
     -------
     ndarray, shape (..., new_box, new_box), float32
+
+    See Also
+    --------
+    fourier_resample : the same for rectangular images.
     """
-    box = images.shape[-1]
-    if new_box == box:
+    return fourier_resample(images, (new_box, new_box))
+
+
+def fourier_resample(images: np.ndarray, new_shape: tuple[int, int]) -> np.ndarray:
+    """Downsample images by cropping their Fourier transform, per axis.
+
+    The image mean (DC term per pixel) is preserved, so pixel values keep
+    their scale, and the centre pixel ``(ny // 2, nx // 2)`` maps to
+    ``(my // 2, mx // 2)``. For an even target size the unpaired Nyquist
+    row or column is dropped, keeping the result real and free of aliasing.
+
+    Parameters
+    ----------
+    images : ndarray, shape (..., ny, nx)
+    new_shape : (int, int)
+        Target ``(my, mx)``, no larger than ``(ny, nx)``.
+
+    Returns
+    -------
+    ndarray, shape (..., my, mx), float32
+    """
+    (ny, nx), (my, mx) = images.shape[-2:], tuple(new_shape)
+    if my > ny or mx > nx:
+        raise ValueError(f"new shape {(my, mx)} is larger than {(ny, nx)}")
+    if (my, mx) == (ny, nx):
         return np.asarray(images, dtype=np.float32)
-    if new_box > box:
-        raise ValueError(f"new_box {new_box} is larger than the box {box}")
-    spectrum = np.fft.fftshift(np.fft.fft2(images), axes=(-2, -1))
-    start = box // 2 - new_box // 2
-    cropped = spectrum[..., start : start + new_box, start : start + new_box]
-    if new_box % 2 == 0:
-        cropped = cropped.copy()
+    axes = (-2, -1)
+    # Transform about the centre pixel (not pixel 0), so the centre stays the
+    # centre for every size parity.
+    spectrum = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(images, axes=axes)), axes=axes)
+    y0, x0 = ny // 2 - my // 2, nx // 2 - mx // 2
+    cropped = spectrum[..., y0 : y0 + my, x0 : x0 + mx].copy()
+    if my % 2 == 0:
         cropped[..., 0, :] = 0
+    if mx % 2 == 0:
         cropped[..., :, 0] = 0
-    out = np.fft.ifft2(np.fft.ifftshift(cropped, axes=(-2, -1))).real
-    return (out * (new_box / box) ** 2).astype(np.float32)
+    out = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(cropped, axes=axes)).real, axes=axes)
+    return (out * (my * mx / (ny * nx))).astype(np.float32)
 
 
 def noise_variance_from_corners(images: np.ndarray, radius: float | None = None) -> float:

@@ -28,7 +28,7 @@ import zarr
 from .errors import OutputExistsError
 from .stack import ATTRS_KEY, ParticleStack, is_cryoden_store
 
-__all__ = ["mark_complete", "map_chunks", "prepare_output", "run_chunks"]
+__all__ = ["map_chunks", "mark_complete", "paths_overlap", "prepare_output", "record_command", "run_chunks"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _overlaps(a: Path, b: Path) -> bool:
+def paths_overlap(a: Path, b: Path) -> bool:
+    """True if ``a`` and ``b`` are the same path or one contains the other."""
     a, b = a.resolve(), b.resolve()
     return a == b or a in b.parents or b in a.parents
 
@@ -90,7 +91,7 @@ def prepare_output(
     """
     out = Path(out)
     for source in inputs:
-        if _overlaps(out, Path(source)):
+        if paths_overlap(out, Path(source)):
             raise OutputExistsError(
                 f"{out}: the output would overwrite or contain the input {source}; choose another --out path"
             )

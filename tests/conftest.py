@@ -23,7 +23,7 @@ def dask_cluster():
     """A real distributed LocalCluster (2 single-threaded worker processes) for the whole session."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         yield cluster
 
 
