@@ -73,6 +73,9 @@ def client_context(
             processes=True,
             dashboard_address=dashboard_address,
             memory_limit=memory_limit,
+            # Worker-side "Compute Failed" warnings duplicate the one-line error the
+            # driver prints for bad input; keep only errors from the workers.
+            silence_logs=logging.ERROR,
         )
         client = Client(cluster)
         announce(f"Dask dashboard: {client.dashboard_link}")
