@@ -83,10 +83,22 @@ def main(ctx: click.Context, debug: bool, verbose: int) -> None:
     """Denoise cryo-EM particle images at scale (Zarr + Dask)."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-    level = logging.WARNING - 10 * min(verbose + 1, 2) if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("distributed", "bokeh", "tornado", "numcodecs", "zarr", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING if debug else logging.ERROR))
+    _configure_logging(debug, verbose)
+
+
+def _configure_logging(debug: bool, verbose: int) -> None:
+    """Our messages at INFO (DEBUG with -v); Dask's own chatter only when it matters."""
+    import distributed  # noqa: F401  (configures its loggers on import; we override them below)
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    third_party = logging.INFO if verbose > 1 else (logging.WARNING if debug else logging.ERROR)
+    names = [name for name in logging.root.manager.loggerDict if name.split(".")[0] in _CHATTY]
+    for name in [*_CHATTY, *names]:
+        logging.getLogger(name).setLevel(third_party)
+
+
+_CHATTY = ("distributed", "bokeh", "tornado", "numcodecs", "zarr", "asyncio", "fsspec")
 
 
 @main.command()
