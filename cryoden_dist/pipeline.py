@@ -28,7 +28,15 @@ import zarr
 from .errors import OutputExistsError
 from .stack import ATTRS_KEY, ParticleStack, is_cryoden_store
 
-__all__ = ["map_chunks", "mark_complete", "paths_overlap", "prepare_output", "record_command", "run_chunks"]
+__all__ = [
+    "gather_in_order",
+    "map_chunks",
+    "mark_complete",
+    "paths_overlap",
+    "prepare_output",
+    "record_command",
+    "run_chunks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +169,12 @@ def _progress(futures: list, desc: str):
             yield future
 
 
-def _gather_in_order(client, futures: list, desc: str) -> list:
+def gather_in_order(client, futures: list, desc: str) -> list:
+    """Wait for ``futures`` with a progress bar; return their results in order.
+
+    The first failed task's exception is re-raised here and the remaining
+    futures are cancelled.
+    """
     try:
         for future in _progress(futures, desc):
             if future.status == "error":
@@ -236,7 +249,7 @@ def run_chunks(
             )
             for i in pending
         ]
-        results = _gather_in_order(client, futures, stage)
+        results = gather_in_order(client, futures, stage)
     stages = dict(stack.info.get("stages", {}))
     previous = stages.get(stage, {})
     stages[stage] = {
@@ -260,7 +273,7 @@ def map_chunks(
     """
     [shared_args] = client.scatter([args], broadcast=True)
     futures = [client.submit(_call_kernel, kernel, start, stop, shared_args, pure=False) for start, stop in bounds]
-    return _gather_in_order(client, futures, desc)
+    return gather_in_order(client, futures, desc)
 
 
 def _call_kernel(kernel, start, stop, args):
