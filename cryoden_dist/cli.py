@@ -234,15 +234,58 @@ def simulate(
 @click.option("--method", default="wiener", show_default=True, help="Denoising method (see `cryoden methods`).")
 @click.option("--out", required=True, type=_existing, help="Output stack (.zarr).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Method parameter (repeatable).")
+@click.option(
+    "--center",
+    "center_radius",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="R",
+    help="First re-centre the particles (particle radius R px) into STACK/centering and denoise those.",
+)
+@click.option(
+    "--center-search", type=click.IntRange(min=1), default=8, show_default=True, help="sCM search half-width in px."
+)
+@click.option(
+    "--center-method",
+    type=click.Choice(["scm", "cm", "gm"]),
+    default="scm",
+    show_default=True,
+    help="Centering method.",
+)
 @_overwrite
 @_scheduler_options
-def denoise(stack, method, out, params, overwrite, client):
-    """Denoise a stack with METHOD into a new stack."""
+def denoise(stack, method, out, params, center_radius, center_search, center_method, overwrite, client):
+    """Denoise a stack with METHOD into a new stack (optionally re-centring it first)."""
     from .denoise import denoise as run_denoise
     from .denoise import parse_params
 
-    result = run_denoise(stack, out, method=method, params=parse_params(params), overwrite=overwrite, client=client)
-    click.echo(f"wrote {result.path}: {result.n} particles denoised with {method}")
+    params = parse_params(params)
+    source = stack
+    if center_radius is not None:
+        import numpy as np
+
+        from .centering import center as run_center
+        from .centering import centered_path, check_centered_output, mark_centered, stage_params
+
+        centering = stage_params(center_method, center_radius, center_search, apply=True)
+        check_centered_output(stack, out, centering, overwrite)
+        centred = run_center(
+            stack, radius=center_radius, search=center_search, method=center_method, apply=True, client=client
+        )
+        source = centered_path(stack)
+        shifts = centred.group["centering/shifts_px"][:]
+        click.echo(
+            f"centred {centred.n} particles of {centred.path} with {center_method} (radius {center_radius:g} px"
+            + (f", search +-{center_search} px" if center_method == "scm" else "")
+            + f"): mean |shift| {float(np.hypot(*shifts.T).mean()):.2f} px, re-centred stack {source}"
+        )
+    result = run_denoise(source, out, method=method, params=params, overwrite=overwrite, client=client)
+    if center_radius is not None:
+        mark_centered(result.path, source)
+    click.echo(
+        f"wrote {result.path}: {result.n} particles denoised with {method}"
+        + (f" from {source}" if source != stack else "")
+    )
 
 
 @main.command()
@@ -252,7 +295,11 @@ def denoise(stack, method, out, params, overwrite, client):
 @click.option(
     "--method", default="scm", show_default=True, help="scm (rotational-averaging landscape), cm or gm baselines."
 )
-@click.option("--apply", is_flag=True, help="Also write re-centred images to centering/images (input kept).")
+@click.option(
+    "--apply",
+    is_flag=True,
+    help="Also write the re-centred particles as a stack at STACK/centering (input images kept).",
+)
 @_scheduler_options
 def center(stack, radius, search, method, apply, client):
     """Estimate each particle's offset from the box centre (written to centering/ in STACK)."""

@@ -179,9 +179,10 @@ class ParticleStack:
         ``pixel_size`` default to the template's.
         """
         info = template.info
-        carried = {key: info[key] for key in ("ctf_missing_reason", "source_files", "optics") if key in info}
+        carried_keys = ("ctf_missing_reason", "source_files", "optics", "images_centered", "centering")
+        carried = {key: info[key] for key in carried_keys if key in info}
         carried.update(attrs or {})
-        carried["derived_from"] = str(template.path)
+        carried["derived_from"] = str(template.path.resolve())
         stack = cls.create(
             path,
             template.n,

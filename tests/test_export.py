@@ -11,6 +11,8 @@ import pytest
 import starfile
 from test_ingest import ASPIRE, EMPIAR, RELION31, TRPV1_MRCS, TRPV1_STAR, assert_same_particles, mrc_data
 
+from cryoden_dist.centering import center, centered_path
+from cryoden_dist.denoise import denoise
 from cryoden_dist.errors import InputError, OutputExistsError
 from cryoden_dist.io.export import SHIFTS_ARRAY, export
 from cryoden_dist.io.ingest import ingest
@@ -125,6 +127,40 @@ def test_centering_shifts_become_origins(shared_data, tmp_path, client):
     plain, _ = export(ingest([shared_data / TRPV1_STAR], tmp_path / "p.zarr", client=client).path, tmp_path / "plain")
     source = starfile.read(shared_data / TRPV1_STAR)["particles"]
     np.testing.assert_array_equal(read_star_blocks(plain)[0]["rlnOriginXAngst"], source["rlnOriginXAngst"])
+
+
+def test_centring_survives_export_and_ingest(shared_data, tmp_path, client):
+    stack = ingest([shared_data / TRPV1_STAR], tmp_path / "s.zarr", client=client)
+    source_origins = stack.group["metadata/rlnOriginXAngst"][:]
+    assert np.abs(source_origins).min() > 0
+
+    # shifts only: the stack's own images are off-centre by shifts_px, written as origins
+    center(stack.path, radius=16, search=6, client=client)
+    shifts = stack.group[SHIFTS_ARRAY][:]
+    star, _ = export(stack.path, tmp_path / "shifted")
+    again = ingest([star], tmp_path / "shifted.zarr", client=client)
+    np.testing.assert_array_equal(again.group["metadata/rlnOriginXAngst"][:], -shifts[:, 0] * 4.88)
+    np.testing.assert_array_equal(again.group["metadata/rlnOriginYAngst"][:], -shifts[:, 1] * 4.88)
+    assert "# cryoden: rlnOriginX/YAngst = -centering/shifts_px x pixel size (cryoden center" in star.read_text()
+
+    # re-centred images: origin 0, the source's origins superseded (and said so in the .star)
+    center(stack.path, radius=16, search=6, apply=True, client=client)
+    centred = ParticleStack.open(centered_path(stack.path))
+    star, mrcs = export(centred.path, tmp_path / "centred")
+    again = ingest([star], tmp_path / "centred.zarr", client=client)
+    for axis in "XY":
+        np.testing.assert_array_equal(again.group[f"metadata/rlnOrigin{axis}Angst"][:], np.zeros(10))
+    assert "rlnOriginX/YAngst are 0 and supersede the source's origins" in star.read_text()
+    np.testing.assert_array_equal(mrc_data(mrcs), centred.images[:])
+    # the source keeps its off-centre images, so its origins stay -shift x pixel size
+    shifted, _ = export(stack.path, tmp_path / "source")
+    np.testing.assert_array_equal(read_star_blocks(shifted)[0]["rlnOriginXAngst"], -shifts[:, 0] * 4.88)
+
+    # a stack derived from the centred one (denoised) has centred images too: create_like carries the mark
+    denoised = denoise(centred.path, tmp_path / "d.zarr", method="lowpass", client=client)
+    assert denoised.info["images_centered"] is True
+    star, _ = export(denoised.path, tmp_path / "denoised")
+    np.testing.assert_array_equal(read_star_blocks(star)[0]["rlnOriginYAngst"], np.zeros(10))
 
 
 def test_existing_outputs_and_inputs_are_protected(shared_data, tmp_path, client):

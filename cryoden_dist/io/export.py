@@ -27,7 +27,7 @@ from ..errors import InputError, OutputExistsError, ParameterError
 from ..stack import ParticleStack
 from .star import STAR_ANGLE_FIELDS, STAR_CTF_COLUMNS, format_star_float
 
-__all__ = ["SHIFTS_ARRAY", "export", "optics_groups", "star_tables", "write_mrcs"]
+__all__ = ["SHIFTS_ARRAY", "export", "images_centering", "optics_groups", "star_tables", "write_mrcs"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ SHIFTS_ARRAY = "centering/shifts_px"
 #: CTF fields that RELION 3.1 keeps per optics group rather than per particle.
 OPTICS_CTF_FIELDS = ("voltage", "cs", "amplitude_contrast")
 ORIGIN_COLUMNS = ("rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY")
+#: Longest chain of ``derived_from`` links followed to learn whether a stack's images are centred.
+MAX_DERIVATION_DEPTH = 32
 
 
 def optics_groups(keys: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
@@ -65,22 +67,72 @@ def _metadata_columns(stack: ParticleStack, skip: set[str]) -> dict[str, np.ndar
     return columns
 
 
-def _origin_columns(stack: ParticleStack) -> dict[str, np.ndarray]:
-    """rlnOriginX/YAngst from the centering shifts, if the stack has them.
+def images_centering(stack: ParticleStack) -> dict | None:
+    """How the stack's images were re-centred, or None if they were not.
 
-    RELION's origin points the other way: the particle centre lies at
-    ``box centre - origin`` (re-extraction moves the coordinate to
-    ``rlnCoordinateX - rlnOriginX``), so ``origin = -shift × pixel size``.
+    The images are centred when the stack, or a stack it was derived from
+    (following ``derived_from``: a denoised stack of a re-centred one), has
+    the attribute ``images_centered``; the first stack of the chain that
+    says either way decides. A link that cannot be opened ends the search
+    (logged), as if the images were not centred.
+
+    Returns
+    -------
+    dict or None
+        That stack's ``centering`` record (method parameters, source), with
+        ``"stack"``: the path of the stack that holds it.
     """
-    if not stack.has(SHIFTS_ARRAY):
-        return {}
-    shifts = np.asarray(stack.group[SHIFTS_ARRAY][:], dtype=np.float64)
-    if shifts.shape != (stack.n, 2):
-        raise InputError(
-            f"{stack.path}: {SHIFTS_ARRAY} has shape {shifts.shape}, expected ({stack.n}, 2); "
-            "rerun the centering stage that wrote it"
-        )
-    return {"rlnOriginXAngst": -shifts[:, 0] * stack.pixel_size, "rlnOriginYAngst": -shifts[:, 1] * stack.pixel_size}
+    current, seen = stack, set()
+    while True:
+        info = current.info
+        if "images_centered" in info:
+            return {**(info.get("centering") or {}), "stack": str(current.path)} if info["images_centered"] else None
+        parent = info.get("derived_from")
+        if not parent or Path(parent).resolve() in seen or len(seen) >= MAX_DERIVATION_DEPTH:
+            return None
+        seen.add(Path(parent).resolve())
+        try:
+            current = ParticleStack.open(parent)
+        except InputError as exc:
+            log.warning("%s: cannot tell whether the images are centred, its source is unreadable: %s", stack.path, exc)
+            return None
+
+
+def _origins(stack: ParticleStack) -> tuple[dict[str, np.ndarray], list[str]]:
+    """rlnOriginX/YAngst for the stack's images and the star comment lines that explain them.
+
+    * The stack has ``centering/shifts_px``: the centres found in *its*
+      images. RELION's origin points the other way: the particle centre lies
+      at ``box centre - origin`` (re-extraction moves the coordinate to
+      ``rlnCoordinateX - rlnOriginX``), so ``origin = -shift × pixel size``.
+    * Its images are re-centred (:func:`images_centering`): origin 0; the
+      source's origins described the particles before re-centring and are
+      superseded.
+    * Otherwise: nothing (the ``metadata/`` origins are written back).
+    """
+    if stack.has(SHIFTS_ARRAY):
+        shifts = np.asarray(stack.group[SHIFTS_ARRAY][:], dtype=np.float64)
+        if shifts.shape != (stack.n, 2):
+            raise InputError(
+                f"{stack.path}: {SHIFTS_ARRAY} has shape {shifts.shape}, expected ({stack.n}, 2); "
+                "rerun the centering stage that wrote it"
+            )
+        params = dict(stack.group[SHIFTS_ARRAY.rpartition("/")[0]].attrs).get("params")
+        note = f"rlnOriginX/YAngst = -{SHIFTS_ARRAY} x pixel size" + (f" (cryoden center {params})" if params else "")
+        return {
+            "rlnOriginXAngst": -shifts[:, 0] * stack.pixel_size,
+            "rlnOriginYAngst": -shifts[:, 1] * stack.pixel_size,
+        }, [note]
+    centering = images_centering(stack)
+    if centering is None:
+        return {}, []
+    zero = np.zeros(stack.n)
+    notes = [
+        f"images re-centred by cryoden center {centering.get('params')} (recorded in {centering['stack']}):",
+        "rlnOriginX/YAngst are 0 and supersede the source's origins; the removed shifts are "
+        f"{centering.get('source', 'the source stack')}/{SHIFTS_ARRAY}",
+    ]
+    return {"rlnOriginXAngst": zero, "rlnOriginYAngst": zero.copy()}, notes
 
 
 def star_tables(stack: ParticleStack, mrcs_name: str) -> dict[str, pd.DataFrame]:
@@ -114,7 +166,7 @@ def star_tables(stack: ParticleStack, mrcs_name: str) -> dict[str, pd.DataFrame]
         keys = pd.DataFrame({"rlnImagePixelSize": np.full(n, stack.pixel_size, dtype=np.float64)})
     groups, optics = optics_groups(keys)
     particles["rlnOpticsGroup"] = groups
-    origins = _origin_columns(stack)
+    origins, _ = _origins(stack)
     if origins:
         skip |= set(ORIGIN_COLUMNS)
     particles.update(_metadata_columns(stack, skip))
@@ -206,7 +258,11 @@ def export(
     columns. If the stack has ``centering/shifts_px`` (particle centre
     relative to the box centre) they are written as
     ``rlnOriginXAngst/YAngst = -shift × pixel size`` (RELION's sign),
-    replacing the origins in the metadata.
+    replacing the origins in the metadata. A stack of re-centred images
+    (``STACK/centering`` made by ``cryoden center --apply``, or a stack
+    derived from one, see :func:`images_centering`) is written with origins
+    0. Either way ``# cryoden:`` comment lines at the top of the .star say
+    where the origins come from.
     """
     stack = ParticleStack.open(stack_path)
     if not name or name in (".", "..") or "/" in name or os.sep in name or any(c.isspace() for c in name):
@@ -229,6 +285,10 @@ def export(
     try:
         write_mrcs(stack, temporary[mrcs_path])
         starfile.write(tables, temporary[star_path], float_format=format_star_float)
+        _, notes = _origins(stack)
+        if notes:  # where the origins come from, for the reader of the .star (parsers skip '#' lines)
+            text = temporary[star_path].read_text()
+            temporary[star_path].write_text("".join(f"# cryoden: {line}\n" for line in notes) + text)
         for final in (mrcs_path, star_path):
             os.replace(temporary[final], final)
     finally:
