@@ -39,7 +39,8 @@ limit.
 Smaller images (``box < L``) are made by evaluating the same slices on the
 coarser frequency grid of the smaller box, which equals Fourier-cropping
 the full-size projections about their centre pixel, exactly (same field of
-view, pixel values kept, as :func:`cryoden_dist.image.fourier_crop`). Cropping the volume's 3D DFT first would not: the sharp 3D crop rings out
+view, pixel values kept, as :func:`cryoden_dist.image.fourier_crop`).
+Cropping the volume's 3D DFT first would not: the sharp 3D crop rings out
 to the box faces and the off-grid slices of that ringing wrap around
 (8 % error on the phantom, 65 -> 33 voxels).
 """
