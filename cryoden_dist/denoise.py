@@ -32,7 +32,16 @@ from typing import Any
 import numpy as np
 import scipy.fft
 
+from .basis.spca import SHRINKERS, resolve_spca_wiener, run_spca_wiener
 from .ctf import ctf_images
+from .denoise_mfvdm import (
+    CLASS_AVERAGE_DEFAULTS,
+    MFVDM_DEFAULTS,
+    resolve_class_average,
+    resolve_mfvdm,
+    run_class_average,
+    run_mfvdm,
+)
 from .errors import CryodenError, InputError, ParameterError
 from .image import frequency_grid, noise_variance_from_corners, radial_index
 from .pipeline import map_chunks, mark_complete, prepare_output, record_command, run_chunks
@@ -233,12 +242,16 @@ def _spectrum_chunk(start: int, stop: int, source_path: str, radius: float) -> d
     """Sums over particles ``[start, stop)`` of ``|Y|^2`` and ``|H|^2`` per DFT point, and of the corner variance."""
     source = ParticleStack.open(source_path)
     images = source.images[start:stop]
-    ctf = ctf_images(source.ctf_params(slice(start, stop)), source.box)
     data_power = np.square(np.abs(scipy.fft.fft2(images)))
+    if source.has_ctf:
+        ctf = ctf_images(source.ctf_params(slice(start, stop)), source.box)
+        ctf_power = np.square(ctf).sum(axis=0, dtype=np.float64)
+    else:  # H = 1: the spectra of a stack without CTF (a CTF-free Wiener baseline)
+        ctf_power = np.full(data_power.shape[1:], float(stop - start))
     return {
         "count": stop - start,
         "data_power": data_power.sum(axis=0, dtype=np.float64),
-        "ctf_power": np.square(ctf).sum(axis=0, dtype=np.float64),
+        "ctf_power": ctf_power,
         "noise_variance_sum": noise_variance_from_corners(images, radius) * (stop - start),
     }
 
@@ -272,7 +285,8 @@ def wiener_model(source: ParticleStack, client, *, radius: float, noise_scale: f
     Parameters
     ----------
     source : ParticleStack
-        Stack with CTF parameters.
+        Stack with CTF parameters (a stack without them is modelled with
+        ``H = 1``).
     client : distributed.Client
     radius : float
         Particle radius in pixels; pixels outside it are noise.
@@ -399,6 +413,44 @@ METHODS: dict[str, Method] = {
             resolve=_resolve_wiener,
             corrects_ctf=True,
         ),
+        Method(
+            name="spca-wiener",
+            summary=(
+                "steerable PCA Wiener filter (radius=L//2-1 px, bandlimit=0.5, "
+                f"shrinker={'|'.join(SHRINKERS)}); with CTF: phase flip + |H| deconvolution, CTF-free output"
+            ),
+            needs_ctf=False,
+            defaults={"radius": None, "bandlimit": None, "shrinker": SHRINKERS[0]},
+            run=run_spca_wiener,
+            resolve=resolve_spca_wiener,
+            # Corrected for CTF-modulated input; run_spca_wiener records the input's state for the others.
+            corrects_ctf=True,
+        ),
+        Method(
+            name="mfvdm",
+            summary=(
+                "multi-frequency vector diffusion maps (Fan & Zhao 2021): sPCA, bispectrum kNN, MFVDM neighbours "
+                "and angles, graph filter (knn=50, k_max=10, m=50); with CTF: phase flip + effective-CTF correction"
+            ),
+            needs_ctf=False,
+            defaults=MFVDM_DEFAULTS,
+            run=run_mfvdm,
+            resolve=resolve_mfvdm,
+            # Corrected for CTF-modulated input; run_mfvdm records the input's state for the others.
+            corrects_ctf=True,
+        ),
+        Method(
+            name="class-average",
+            summary=(
+                "mean of each image and its knn=50 rotationally aligned bispectrum neighbours (sPCA coefficients); "
+                "with CTF: phase flip + correction by the averaged |CTF|"
+            ),
+            needs_ctf=False,
+            defaults=CLASS_AVERAGE_DEFAULTS,
+            run=run_class_average,
+            resolve=resolve_class_average,
+            corrects_ctf=True,
+        ),
     )
 }
 
@@ -472,6 +524,8 @@ def denoise(
         source.ctf_params(slice(0, 1))  # raises MissingCTFError naming the stack
     resolved = _resolve_params(chosen, source, params or {})
     command = {"input": str(Path(stack_path).resolve()), "method": chosen.name, "params": resolved}
+    if "centering" in source.info:  # two centrings of one stack are different inputs
+        command["source_centering"] = source.info["centering"]
     state = prepare_output(out, "denoise", command, inputs=[stack_path], overwrite=overwrite)
     if state == "complete":
         log.info("%s is complete already (same input, method and parameters)", out)
