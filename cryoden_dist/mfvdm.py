@@ -87,6 +87,7 @@ __all__ = [
     "top_eigenpairs",
     "eigenpairs_per_frequency",
     "mfvdm_affinity_neighbors",
+    "normalized_embedding",
     "mfvdm_angles",
     "filter_response",
     "stack_with_reflections",
@@ -525,6 +526,14 @@ def _unit_rows(X: np.ndarray) -> np.ndarray:
     return out
 
 
+def normalized_embedding(eigenvalues: np.ndarray, eigenvectors: np.ndarray, t: float = 1) -> np.ndarray:
+    """Rows ``V_k^t(i) / ||V_k^t(i)||`` of the frequency-k diffusion embedding.
+
+    ``V_k^t(i) = (|lambda_l|^t u_l(i))_l``; all-zero rows stay zero.
+    """
+    return _unit_rows(np.asarray(eigenvectors) * _diffusion_weights(eigenvalues, t))
+
+
 def mfvdm_affinity_neighbors(
     embeddings: Embeddings,
     n_images: int,
@@ -580,7 +589,7 @@ def mfvdm_affinity_neighbors(
         raise ParameterError(f"mfvdm: diffusion time t={t} must be >= 0")
     if batch is None:
         batch = max(1, AFFINITY_BLOCK_BYTES // (16 * n_nodes))
-    unit = [_unit_rows(embeddings[k][1] * _diffusion_weights(embeddings[k][0], t)) for k in ks]
+    unit = [normalized_embedding(*embeddings[k], t) for k in ks]
     if client is None:
         return _affinity_rows(unit, n_images, n_neighbors, 0, n_images, batch)
     from .pipeline import gather_in_order
