@@ -128,16 +128,11 @@ def fetch_map(name: str) -> Path:
 
 
 def _read_map(path: Path) -> tuple[np.ndarray, float | None]:
-    import mrcfile
+    from .io.mrc import read_mrc_data
 
     if not path.is_file():
         raise InputError(f"{path}: no such map file; give an .mrc path, 'phantom', or one of {', '.join(MAPS)}")
-    try:
-        with mrcfile.open(path) as mrc:
-            data = None if mrc.data is None else np.asarray(mrc.data, dtype=np.float32)
-            pixel_size = float(mrc.voxel_size.x)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable MRC map ({exc})") from None
+    data, pixel_size = read_mrc_data(path, "map")
     if data is None or data.ndim != 3 or len(set(data.shape)) != 1:
         shape = None if data is None else data.shape
         raise InputError(f"{path}: expected a cubic 3D map (L x L x L), found data of shape {shape}")

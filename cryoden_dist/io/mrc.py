@@ -170,3 +170,33 @@ def read_mrc_table(path: str | Path, pixel_size: float | None = None) -> Particl
         image_field="",
         ctf_missing=f"{path} is a bare image stack without CTF parameters",
     )
+
+
+def read_mrc_data(path: str | Path, what: str = "MRC file") -> tuple[np.ndarray | None, float]:
+    """The whole data block of an MRC file as float32, and its header pixel size.
+
+    Parameters
+    ----------
+    path : path
+        An existing ``.mrc`` file (a map, a micrograph).
+    what : str
+        What the file is, for the error message ("map", "micrograph").
+
+    Returns
+    -------
+    data : ndarray or None
+        The data (None for a header-only file).
+    pixel_size : float
+        The header voxel size along x in Å (0 when unset).
+
+    Raises
+    ------
+    InputError
+        If the file cannot be read as MRC.
+    """
+    try:
+        with mrcfile.open(path) as mrc:
+            data = None if mrc.data is None else np.asarray(mrc.data, dtype=np.float32)
+            return data, float(mrc.voxel_size.x)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable MRC {what} ({exc})") from None

@@ -107,17 +107,12 @@ def load_micrograph(path: str | Path) -> tuple[np.ndarray, float]:
         If the file is missing, unreadable, not a single 2D image, or has no
         pixel size in its header.
     """
-    import mrcfile
+    from ..io.mrc import read_mrc_data
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such micrograph file; check the path given to --noise micrograph:FILE")
-    try:
-        with mrcfile.open(path) as mrc:
-            data = None if mrc.data is None else np.asarray(mrc.data, dtype=np.float32)
-            pixel_size = float(mrc.voxel_size.x)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable MRC micrograph ({exc})") from None
+    data, pixel_size = read_mrc_data(path, "micrograph")
     if data is not None and data.ndim == 3 and data.shape[0] == 1:
         data = data[0]
     if data is None or data.ndim != 2:
