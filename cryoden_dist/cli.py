@@ -35,7 +35,7 @@ class _Group(click.Group):
 
 
 def _scheduler_options(func):
-    """Options shared by every command that computes."""
+    """Options shared by every command that computes: where its Dask workers run."""
 
     @click.option(
         "--scheduler",
@@ -53,10 +53,40 @@ def _scheduler_options(func):
         "--dashboard-address",
         default="127.0.0.1:8787",
         show_default=True,
-        help="Where the local Dask dashboard listens (host:port); localhost keeps it private.",
+        help="Where the Dask dashboard listens (host:port); localhost keeps it private.",
     )
+    @click.option(
+        "--cluster",
+        type=click.Choice(["local", "slurm", "pbs", "sge"]),
+        default=None,
+        help="Run the workers as batch jobs through dask-jobqueue (needs --jobs or --max-jobs).",
+    )
+    @click.option("--jobs", type=click.IntRange(min=1), default=None, help="Fixed number of batch jobs.")
+    @click.option("--min-jobs", type=click.IntRange(min=0), default=None, help="Adaptive scaling: fewest batch jobs.")
+    @click.option("--max-jobs", type=click.IntRange(min=1), default=None, help="Adaptive scaling: most batch jobs.")
+    @click.option(
+        "--cluster-profile",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="YAML batch-job profile (cores, memory, walltime, queue, ...); default the packaged one.",
+    )
+    @click.option("--gpu-workers", is_flag=True, help="One GPU per batch job; workers get the Dask resource GPU=1.")
+    @click.option("--tls", is_flag=True, help="Encrypt scheduler-worker traffic with auto-generated TLS certificates.")
     @functools.wraps(func)
-    def wrapper(*args, scheduler, workers, dashboard_address, **kwargs):
+    def wrapper(
+        *args,
+        scheduler,
+        workers,
+        dashboard_address,
+        cluster,
+        jobs,
+        min_jobs,
+        max_jobs,
+        cluster_profile,
+        gpu_workers,
+        tls,
+        **kwargs,
+    ):
         from .cluster import client_context
 
         with client_context(
@@ -64,6 +94,13 @@ def _scheduler_options(func):
             n_workers=workers,
             dashboard_address=dashboard_address,
             announce=lambda m: click.echo(m, err=True),
+            cluster=cluster,
+            jobs=jobs,
+            min_jobs=min_jobs,
+            max_jobs=max_jobs,
+            profile=cluster_profile,
+            gpu=gpu_workers,
+            security=tls,
         ) as client:
             return func(*args, client=client, **kwargs)
 
