@@ -851,6 +851,13 @@ class _Run:
         )
         return model
 
+    def through_alignment(self) -> SteerablePCA:
+        """Run the shared stages ``coeffs`` .. ``align`` (each skipped when complete); return the sPCA model."""
+        self.coefficients()
+        model = self.spca()
+        self.features_and_neighbors(model)
+        return model
+
     def features_and_neighbors(self, model: SteerablePCA) -> None:
         knn = self.params["knn"]
 
@@ -930,9 +937,7 @@ def run_mfvdm(source: ParticleStack, target: ParticleStack, params: dict, client
     client : distributed.Client
     """
     run = _Run(source, target, params, client, MFVDM_STAGES)
-    run.coefficients()
-    model = run.spca()
-    run.features_and_neighbors(model)
+    model = run.through_alignment()
     n, knn, k_max, m = run.n, params["knn"], params["k_max"], params["m"]
 
     def eigenpairs() -> None:
@@ -1019,9 +1024,7 @@ def run_class_average(source: ParticleStack, target: ParticleStack, params: dict
     client : distributed.Client
     """
     run = _Run(source, target, params, client, CLASS_AVERAGE_STAGES)
-    run.coefficients()
-    model = run.spca()
-    run.features_and_neighbors(model)
+    model = run.through_alignment()
     use_spca = params["coefficients"] == "spca"
     run.stages.run_chunked(
         "images",
