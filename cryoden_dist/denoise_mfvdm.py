@@ -135,7 +135,7 @@ from .mfvdm import (
     spectral_filter,
     stack_with_reflections,
 )
-from .pipeline import gather_in_order, map_chunks, run_chunks
+from .pipeline import gather_in_order, map_chunks, record_stage, run_chunks
 from .sim.rotations import viewing_directions
 from .stack import ParticleStack
 
@@ -558,15 +558,7 @@ class _Stages:
         return time.perf_counter()
 
     def record(self, name: str, params: dict, started: float) -> None:
-        stages = dict(self.stack.info.get("stages", {}))
-        previous = stages.get(name, {})
-        stages[name] = {
-            "params": params,
-            "complete": True,
-            "wall_s_last_run": round(time.perf_counter() - started, 3),
-            "runs": int(previous.get("runs", 0)) + 1,
-        }
-        self.stack.update_info(stages=stages)
+        record_stage(self.stack, name, params, started)
 
     def run(self, name: str, params: dict, compute: Callable[[], None]) -> None:
         """Run a non-chunked stage unless complete, and record it."""

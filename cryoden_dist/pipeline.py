@@ -35,6 +35,7 @@ __all__ = [
     "paths_overlap",
     "prepare_output",
     "record_command",
+    "record_stage",
     "run_chunks",
 ]
 
@@ -154,7 +155,8 @@ def _run_chunk(kernel: Kernel, store: str, stage: str, index: int, start: int, s
             returned[name] = values
         else:
             group[name][start:stop] = values
-    group[f"_done/{stage}"][index] = 1
+    if not returned.get("_incomplete", False):
+        group[f"_done/{stage}"][index] = 1
     return returned
 
 
@@ -207,7 +209,10 @@ def run_chunks(
         Stage name: the key of its completion flags and attribute record.
     kernel : callable
         ``kernel(start, stop, *args) -> {name: array}``; names starting with
-        ``_`` are returned to the caller instead of written.
+        ``_`` are returned to the caller instead of written. A kernel that
+        returns ``"_incomplete": True`` (bad input found in its chunk) leaves
+        the chunk's flag unset, so the stage is not recorded complete and a
+        rerun computes the chunk again.
     args : tuple
         Extra kernel arguments, sent to the workers once.
     bounds : sequence of (start, stop), optional
@@ -250,18 +255,48 @@ def run_chunks(
             for i in pending
         ]
         results = gather_in_order(client, futures, stage)
+    record_stage(
+        stack,
+        stage,
+        params or {},
+        started,
+        complete=bool(flags[:].all()),
+        n_chunks=len(bounds),
+        chunks_computed_last_run=len(pending),
+    )
+    return results
+
+
+def record_stage(
+    stack: ParticleStack, stage: str, params: Mapping[str, Any], started: float, complete: bool = True, **extra: Any
+) -> None:
+    """Write a stage's record into the store's attributes.
+
+    Parameters
+    ----------
+    stack : ParticleStack
+        The store.
+    stage : str
+        Stage name.
+    params : mapping
+        The parameters that made the stage's outputs.
+    started : float
+        ``time.perf_counter()`` when this run of the stage began.
+    complete : bool
+        Whether all the stage's outputs are written.
+    **extra
+        More JSON-able entries (chunk counts...).
+    """
     stages = dict(stack.info.get("stages", {}))
     previous = stages.get(stage, {})
     stages[stage] = {
-        "params": _jsonable(params or {}),
-        "complete": True,
-        "n_chunks": len(bounds),
-        "chunks_computed_last_run": len(pending),
+        "params": _jsonable(params),
+        "complete": complete,
+        **extra,
         "wall_s_last_run": round(time.perf_counter() - started, 3),
         "runs": int(previous.get("runs", 0)) + 1,
     }
     stack.update_info(stages=stages)
-    return results
 
 
 def map_chunks(

@@ -62,3 +62,16 @@ def test_prepare_output_refuses_and_overwrites(tmp_path):
 def test_map_chunks_returns_in_order(client):
     out = map_chunks(client, lambda a, b, k: (a, b, k), [(0, 2), (2, 5)], args=(7,))
     assert out == [(0, 2, 7), (2, 5, 7)]
+
+
+def _ramp_rejecting_first_chunk(start, stop, box):
+    return {"images": np.zeros((stop - start, box, box), np.float32), "_incomplete": start == 0}
+
+
+def test_incomplete_chunk_stays_unflagged_and_stage_not_complete(tmp_path, client):
+    stack = ParticleStack.create(tmp_path / "s.zarr", n=7, box=4, pixel_size=1.0, chunk=3, with_ctf=False)
+    run_chunks(client, stack, "ramp", _ramp_rejecting_first_chunk, args=(4,))
+    np.testing.assert_array_equal(stack.group["_done/ramp"][:], [0, 1, 1])
+    assert stack.info["stages"]["ramp"]["complete"] is False
+    run_chunks(client, stack, "ramp", _ramp_rejecting_first_chunk, args=(4,))
+    assert stack.info["stages"]["ramp"]["chunks_computed_last_run"] == 1  # only the rejected chunk again

@@ -408,10 +408,12 @@ def read_particle_chunk(
     Returns
     -------
     dict
-        ``{"images": float32 array (stop - start, L, L), "_nonfinite": rows}``: the
-        particles (global 0-based rows) with NaN or Inf pixels are reported to
-        the driver rather than raised here, so the user gets one clear error
-        instead of a worker traceback in the log.
+        ``{"images": float32 array (stop - start, L, L), "_nonfinite": rows,
+        "_incomplete": bool}``: the particles (global 0-based rows) with NaN or
+        Inf pixels are reported to the driver rather than raised here, so the
+        user gets one clear error instead of a worker traceback in the log, and
+        such a chunk is left unflagged (``run_chunks``) so a resumed store never
+        completes with them.
     """
     ids = file_ids[start:stop]
     wanted = indices[start:stop]
@@ -426,14 +428,12 @@ def read_particle_chunk(
     finite = np.isfinite(images).all(axis=(1, 2))
     if crop_box is not None:
         images = fourier_crop(images, crop_box)
-    return {"images": images, "_nonfinite": start + np.flatnonzero(~finite)}
+    bad = start + np.flatnonzero(~finite)
+    return {"images": images, "_nonfinite": bad, "_incomplete": bool(bad.size)}
 
 
-def raise_on_nonfinite(stack: ParticleStack, plan: IngestPlan, results: Sequence[dict], stage: str) -> None:
-    """Raise for particles with NaN/Inf pixels, after un-flagging their chunks.
-
-    The chunks were written (with the bad values) and flagged done; clearing
-    their flags keeps a resumed store from ever completing with them.
+def raise_on_nonfinite(plan: IngestPlan, results: Sequence[dict]) -> None:
+    """Raise for particles with NaN/Inf pixels (their chunks were left unflagged by the kernel).
 
     Raises
     ------
@@ -443,8 +443,6 @@ def raise_on_nonfinite(stack: ParticleStack, plan: IngestPlan, results: Sequence
     bad = np.sort(np.concatenate([np.asarray(r["_nonfinite"], dtype=np.int64) for r in results] or [[]]))
     if bad.size == 0:
         return
-    for chunk in np.unique(bad // stack.chunk):
-        stack.group[f"_done/{stage}"][int(chunk)] = 0
     row = int(bad[0])
     table, local = _locate(plan.tables, row)
     path, index = plan.files[plan.file_ids[row]], int(plan.indices[row])
@@ -582,7 +580,7 @@ def ingest(
         crop_box = out_box if out_box != plan.box else None
         args = ([str(path) for path in plan.files], plan.file_ids, plan.indices, plan.box, crop_box)
         results = run_chunks(client, stack, "ingest", read_particle_chunk, args=args, params={"box": out_box})
-        raise_on_nonfinite(stack, plan, results, "ingest")
+        raise_on_nonfinite(plan, results)
         mark_complete(stack)
     except CryodenError:
         # A fresh store that failed holds nothing worth resuming: remove it so
