@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from .errors import CryodenError
+from .errors import CryodenError, ParameterError
 
 log = logging.getLogger("cryoden_dist")
 
@@ -108,6 +108,38 @@ def _scheduler_options(func):
 
 
 _overwrite = click.option("--overwrite", is_flag=True, help="Replace an existing output made by cryoden.")
+
+
+def _resume_option(command: str):
+    """``--resume``: continue an interrupted run of ``command`` into ``--out``, refused if there is none.
+
+    Rerunning the same command resumes anyway; the flag turns a mistyped
+    ``--out`` into an error instead of a fresh run. It is checked before any
+    worker starts.
+    """
+
+    def decorate(func):
+        @click.option(
+            "--resume",
+            is_flag=True,
+            help="Continue the interrupted run in --out (refused if there is none); "
+            "rerunning the same command does the same without the check.",
+        )
+        @functools.wraps(func)
+        def wrapper(*args, resume, **kwargs):
+            if resume:
+                from .pipeline import check_resumable
+
+                if kwargs.get("overwrite"):
+                    raise ParameterError("--resume and --overwrite contradict each other; pass one of them")
+                check_resumable(kwargs["out"], command)
+            return func(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 _existing = click.Path(path_type=Path)
 
 
@@ -156,6 +188,7 @@ _CHATTY = ("distributed", "bokeh", "tornado", "numcodecs", "zarr", "asyncio", "f
 )
 @click.option("--chunk", type=click.IntRange(min=1), default=None, help="Particles per Zarr chunk.")
 @_overwrite
+@_resume_option("ingest")
 @_scheduler_options
 def ingest(inputs, out, box, pixel_size, data_root, chunk, overwrite, client):
     """Ingest RELION .star, cryoSPARC .cs or .mrc/.mrcs stacks into a Zarr stack."""
@@ -225,6 +258,7 @@ def export(stack, out, name, overwrite):
 @click.option("--chunk", type=click.IntRange(min=1), default=None, help="Particles per Zarr chunk.")
 @click.option("--out", required=True, type=_existing, help="Output stack (.zarr).")
 @_overwrite
+@_resume_option("simulate")
 @_scheduler_options
 def simulate(
     volume,
@@ -290,6 +324,7 @@ def simulate(
     help="Centering method.",
 )
 @_overwrite
+@_resume_option("denoise")
 @_scheduler_options
 def denoise(stack, method, out, params, center_radius, center_search, center_method, overwrite, client):
     """Denoise a stack with METHOD into a new stack (optionally re-centring it first)."""
@@ -394,6 +429,17 @@ def plot(stack, out, truth, n_images):
 
     montage_from_stores(out, truth=truth, denoised=stack, n_images=n_images)
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("store", type=_existing)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(store, as_json):
+    """Show what a run store holds: command, completeness, and each stage's chunks, wall time and memory."""
+    from .status import format_status, store_status
+
+    summary = store_status(store)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_status(summary))
 
 
 @main.command()

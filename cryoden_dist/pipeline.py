@@ -10,6 +10,41 @@ store's attributes only after every chunk is written.
 :func:`prepare_output` decides what to do with an output path that exists:
 resume it (same command, same parameters, not finished), leave it (already
 complete), replace it (``overwrite``), or refuse.
+
+Monitoring
+----------
+Every run of a stage is measured and written into the store's attributes
+(:func:`record_stage`), so ``cryoden status`` can tell what happened:
+
+* ``stages/<stage>``: ``params``, ``complete``, ``runs`` (how many runs
+  computed some of it), ``n_chunks`` (chunked stages) and, for the last run
+  that computed it, ``started_at_last_run`` (UTC, ISO 8601),
+  ``wall_s_last_run``, ``chunks_computed_last_run``,
+  ``chunks_done_before_last_run`` (flags already set when it began: done by
+  an earlier, interrupted run), ``peak_worker_memory_bytes_last_run``,
+  ``peak_driver_memory_bytes_last_run`` and ``peak_memory_window_last_run``.
+* ``run_log``: one entry per stage per run that computed something,
+  ``{run, stage, started_at, wall_s, chunks_computed, chunks_done_before,
+  n_chunks, complete, peak_worker_memory_bytes, peak_driver_memory_bytes,
+  peak_memory_window}``, appended in order; ``run`` numbers the runs of the
+  command that writes the store (``runs`` in the attributes: 1 for the run
+  that created it, one more each time :func:`prepare_output` resumes it), so
+  the entries of a resumed run show which stages (and how many chunks) it
+  had to recompute.
+
+Peak memory is the peak resident set size (RSS) of a process over the
+stage: ``peak_worker_memory_bytes`` the largest over the Dask worker
+processes connected at the stage's end, ``peak_driver_memory_bytes`` that of
+the process running the command (where non-chunked stages such as an
+eigensolve on gathered arrays do their work). On Linux the kernel's peak RSS
+(``VmHWM``) is reset when the stage starts (``/proc/self/clear_refs``), so it
+covers the stage alone (window ``"stage"``); a stage recorded from a plain
+``time.perf_counter()`` start instead of :func:`start_stage` gets the
+driver's peak since the previous stage record (``"since previous record"``)
+and no worker figure; where the peak cannot be reset it is the process's
+lifetime peak (``"process"``). Worker processes that died during the stage
+(and were replaced) are not counted; on a scheduler shared with other
+clients the figure includes their tasks too.
 """
 
 from __future__ import annotations
@@ -19,24 +54,33 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
-from .errors import OutputExistsError
+from .errors import InputError, OutputExistsError
 from .stack import ATTRS_KEY, ParticleStack, is_cryoden_store
 
 __all__ = [
+    "StageStart",
+    "begin_run",
+    "check_resumable",
+    "format_memory",
     "gather_in_order",
     "map_chunks",
     "mark_complete",
     "paths_overlap",
+    "peak_rss_bytes",
     "prepare_output",
     "record_command",
     "record_stage",
+    "reset_peak_rss",
     "run_chunks",
+    "start_stage",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,7 +134,8 @@ def prepare_output(
     Returns
     -------
     str
-        ``"new"`` (nothing there), ``"resume"`` (same command, unfinished)
+        ``"new"`` (nothing there), ``"resume"`` (same command, unfinished:
+        counted as one more run in the store's ``runs``, :func:`begin_run`)
         or ``"complete"`` (same command, already finished).
 
     Raises
@@ -110,7 +155,10 @@ def prepare_output(
         record = zarr.open_group(str(out), mode="r").attrs[ATTRS_KEY]
         same = record.get("command") == {"name": command, "params": _jsonable(params)}
         if same and not overwrite:
-            return "complete" if record.get("complete") else "resume"
+            if record.get("complete"):
+                return "complete"
+            begin_run(zarr.open_group(str(out), mode="r+"))
+            return "resume"
     if not overwrite:
         raise OutputExistsError(
             f"{out}: output exists (made by another command or with other parameters); "
@@ -125,9 +173,52 @@ def prepare_output(
     return "new"
 
 
+def check_resumable(out: str | Path, command: str) -> None:
+    """Refuse an explicit ``--resume`` when ``out`` holds no run of ``command`` to resume.
+
+    Rerunning a command with the same output and parameters resumes it
+    anyway (:func:`prepare_output`); ``--resume`` only makes a typo in the
+    output path an error instead of a fresh run. Different parameters are
+    refused later by :func:`prepare_output`.
+
+    Raises
+    ------
+    InputError
+        If ``out`` does not exist, is not a cryoden store, or was made by
+        another command.
+    """
+    out = Path(out)
+    if not out.exists():
+        raise InputError(f"{out}: no such store, so there is nothing to resume; run the command without --resume")
+    if not is_cryoden_store(out):
+        raise InputError(
+            f"{out}: not a cryoden store (no 'cryoden' attributes in zarr.json), so there is nothing to resume; "
+            "pass the --out of the interrupted run"
+        )
+    made_by = (zarr.open_group(str(out), mode="r").attrs[ATTRS_KEY].get("command") or {}).get("name")
+    if made_by != command:
+        raise InputError(
+            f"{out}: made by `cryoden {made_by}`, not `cryoden {command}`, so there is nothing to resume; "
+            "pass the --out of the interrupted run"
+        )
+
+
+def begin_run(store: ParticleStack | zarr.Group) -> int:
+    """Count one more run of the command that writes ``store``; return its number (1 for the first).
+
+    The number labels the run's entries in the store's ``run_log``.
+    """
+    group = store.group if isinstance(store, ParticleStack) else store
+    record = dict(group.attrs[ATTRS_KEY])
+    record["runs"] = int(record.get("runs", 0)) + 1
+    group.attrs[ATTRS_KEY] = record
+    return record["runs"]
+
+
 def record_command(stack: ParticleStack, command: str, params: Mapping[str, Any]) -> None:
-    """Store the command and parameters that made ``stack`` (for resume checks)."""
+    """Store the command and parameters that made ``stack`` (for resume checks); this is its first run."""
     stack.update_info(command={"name": command, "params": _jsonable(params)}, complete=False)
+    begin_run(stack)
 
 
 def mark_complete(stack: ParticleStack) -> None:
@@ -229,17 +320,20 @@ def run_chunks(
     flags = _done_flags(stack.group, stage, len(bounds))
     done = flags[:]
     pending = [i for i in range(len(bounds)) if not done[i]]
-    started = time.perf_counter()
-    if len(pending) < len(bounds):
+    counts = {"n_chunks": len(bounds), "chunks_done_before": len(bounds) - len(pending)}
+    if counts["chunks_done_before"]:
         log.info(
             "stage %s: %d of %d chunks already done, computing %d",
             stage,
-            len(bounds) - len(pending),
+            counts["chunks_done_before"],
             len(bounds),
             len(pending),
         )
+    started = start_stage(client if pending else None)
     results: list[dict] = []
     if pending:
+        # Recorded before any task runs, so an interrupted stage reads as incomplete.
+        _record_stage_start(stack, stage, params or {}, started, len(bounds))
         [shared_args] = client.scatter([args], broadcast=True)
         futures = [
             client.submit(
@@ -256,21 +350,129 @@ def run_chunks(
         ]
         results = gather_in_order(client, futures, stage)
     record_stage(
-        stack,
-        stage,
-        params or {},
-        started,
-        complete=bool(flags[:].all()),
-        n_chunks=len(bounds),
-        chunks_computed_last_run=len(pending),
+        stack, stage, params or {}, started, complete=bool(flags[:].all()), chunks_computed=len(pending), **counts
     )
     return results
 
 
-def record_stage(
-    stack: ParticleStack, stage: str, params: Mapping[str, Any], started: float, complete: bool = True, **extra: Any
+# ------------------------------------------------------------------------------------------------ monitoring
+@dataclass(frozen=True)
+class StageStart:
+    """When and how a stage run began (:func:`start_stage`); pass it to :func:`record_stage`.
+
+    Attributes
+    ----------
+    clock : float
+        ``time.perf_counter()`` at the start.
+    started_at : str
+        The start as UTC ISO 8601.
+    client : distributed.Client or None
+        The client whose workers' peak RSS was reset, so it is read back at the end.
+    window : str
+        What the peak memory figures cover: ``"stage"`` or ``"process"`` (see the module docstring).
+    """
+
+    clock: float
+    started_at: str
+    client: Any = None
+    window: str = "stage"
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident set size of this process in bytes, since it started or since :func:`reset_peak_rss`.
+
+    ``VmHWM`` from ``/proc/self/status`` on Linux, else ``getrusage``'s ``ru_maxrss`` (lifetime peak); None
+    where neither exists.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # the kernel reports kB
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, kB elsewhere
+
+
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-RSS window at its current RSS; False where the system cannot.
+
+    Linux (since 4.0): writing ``5`` to ``/proc/self/clear_refs`` resets ``VmHWM`` and touches nothing else.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def start_stage(client=None) -> StageStart:
+    """Begin measuring a stage: reset the peak RSS of this process and, with ``client``, of its workers.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        The client whose workers run the stage's tasks.
+
+    Returns
+    -------
+    StageStart
+    """
+    windowed = reset_peak_rss()
+    if client is not None:
+        # A worker that cannot answer (dying, restarting) must not fail the stage; it is left out.
+        windowed &= all(client.run(reset_peak_rss, on_error="ignore").values())
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return StageStart(time.perf_counter(), started_at, client, "stage" if windowed else "process")
+
+
+def _peak_memory(started: StageStart) -> dict[str, Any]:
+    """Peak RSS of the driver and of the workers since ``started``."""
+    workers = None
+    if started.client is not None:
+        peaks = [peak for peak in started.client.run(peak_rss_bytes, on_error="ignore").values() if peak]
+        workers = max(peaks) if peaks else None
+    return {
+        "peak_worker_memory_bytes": workers,
+        "peak_driver_memory_bytes": peak_rss_bytes(),
+        "peak_memory_window": started.window,
+    }
+
+
+def _record_stage_start(
+    stack: ParticleStack, stage: str, params: Mapping[str, Any], started: StageStart, n_chunks: int
 ) -> None:
-    """Write a stage's record into the store's attributes.
+    stages = dict(stack.info.get("stages", {}))
+    previous = stages.get(stage, {})
+    stages[stage] = {
+        "params": _jsonable(params),
+        "complete": False,
+        "n_chunks": n_chunks,
+        "runs": int(previous.get("runs", 0)),
+        "started_at_last_run": started.started_at,
+    }
+    stack.update_info(stages=stages)
+
+
+def record_stage(
+    stack: ParticleStack,
+    stage: str,
+    params: Mapping[str, Any],
+    started: StageStart | float,
+    complete: bool = True,
+    *,
+    n_chunks: int | None = None,
+    chunks_done_before: int | None = None,
+    chunks_computed: int | None = None,
+    **extra: Any,
+) -> None:
+    """Write a stage's record into the store's attributes and append its run-log entry.
 
     Parameters
     ----------
@@ -280,23 +482,59 @@ def record_stage(
         Stage name.
     params : mapping
         The parameters that made the stage's outputs.
-    started : float
-        ``time.perf_counter()`` when this run of the stage began.
+    started : StageStart or float
+        :func:`start_stage` when this run of the stage began (measures the workers' and the driver's peak
+        memory over the stage), or a plain ``time.perf_counter()`` (driver memory only, since the previous
+        stage record).
     complete : bool
         Whether all the stage's outputs are written.
+    n_chunks, chunks_done_before, chunks_computed : int, optional
+        Chunked stages: chunks in all, flagged done when this run began, and computed in this run. With
+        ``chunks_computed=0`` nothing was computed: the record is refreshed but neither ``runs`` nor the run
+        log changes.
     **extra
-        More JSON-able entries (chunk counts...).
+        More JSON-able entries of the stage record.
     """
-    stages = dict(stack.info.get("stages", {}))
+    if not isinstance(started, StageStart):
+        elapsed = timedelta(seconds=time.perf_counter() - started)
+        started_at = (datetime.now(timezone.utc) - elapsed).isoformat(timespec="seconds")
+        started = StageStart(started, started_at, None, "since previous record")
+    info = stack.info
+    stages = dict(info.get("stages", {}))
     previous = stages.get(stage, {})
-    stages[stage] = {
-        "params": _jsonable(params),
-        "complete": complete,
-        **extra,
-        "wall_s_last_run": round(time.perf_counter() - started, 3),
-        "runs": int(previous.get("runs", 0)) + 1,
-    }
-    stack.update_info(stages=stages)
+    chunked = {} if n_chunks is None else {"n_chunks": n_chunks}
+    record = {"params": _jsonable(params), "complete": complete, **chunked, **extra}
+    record["runs"] = int(previous.get("runs", 0))
+    if chunks_computed != 0:
+        counts = {"chunks_computed": chunks_computed, "chunks_done_before": chunks_done_before}
+        measured = {
+            "started_at": started.started_at,
+            "wall_s": round(time.perf_counter() - started.clock, 3),
+            **{key: value for key, value in counts.items() if value is not None},
+            **_peak_memory(started),
+        }
+        record["runs"] += 1
+        record.update({f"{key}_last_run": value for key, value in measured.items()})
+        entry = {"run": int(info.get("runs", 1)), "stage": stage, "complete": complete, **chunked, **measured}
+        stack.update_info(stages={**stages, stage: record}, run_log=[*info.get("run_log", []), entry])
+        log.info(
+            "stage %s: %s in %.1f s; peak RSS %s (largest worker), %s (driver)",
+            stage,
+            "complete" if complete else "incomplete",
+            measured["wall_s"],
+            format_memory(measured["peak_worker_memory_bytes"]),
+            format_memory(measured["peak_driver_memory_bytes"]),
+        )
+        # A stage recorded from a plain clock measures the driver since this point.
+        reset_peak_rss()
+    else:
+        kept = {key: value for key, value in previous.items() if key.endswith("_last_run")}
+        stack.update_info(stages={**stages, stage: {**kept, **record}})
+
+
+def format_memory(value: int | None) -> str:
+    """Bytes as whole MiB for people, ``"-"`` for an unmeasured figure."""
+    return "-" if value is None else f"{value / 2**20:.0f} MiB"
 
 
 def map_chunks(

@@ -34,9 +34,12 @@ def test_run_chunks_writes_every_chunk_and_resumes(tmp_path, client):
     for f in calls.iterdir():
         f.unlink()
     assert prepare_output(out, "test", {"a": 1}) == "resume"
+    stack = ParticleStack.open(out, mode="r+")
     run_chunks(client, stack, "ramp", _ramp, args=(4, calls))
     assert sorted(p.name for p in calls.iterdir()) == ["3"]
     np.testing.assert_array_equal(stack.images[:, 0, 0], np.arange(10))
+    log = [(entry["run"], entry["chunks_done_before"], entry["chunks_computed"]) for entry in stack.info["run_log"]]
+    assert log == [(1, 0, 4), (2, 3, 1)]
     mark_complete(stack)
     assert prepare_output(out, "test", {"a": 1}) == "complete"
 
@@ -75,3 +78,28 @@ def test_incomplete_chunk_stays_unflagged_and_stage_not_complete(tmp_path, clien
     assert stack.info["stages"]["ramp"]["complete"] is False
     run_chunks(client, stack, "ramp", _ramp_rejecting_first_chunk, args=(4,))
     assert stack.info["stages"]["ramp"]["chunks_computed_last_run"] == 1  # only the rejected chunk again
+
+
+def _ramp_failing_at(start, stop, box, failing_start):
+    if start == failing_start:
+        raise RuntimeError("disk full")
+    return {"images": np.full((stop - start, box, box), start, np.float32)}
+
+
+def test_a_stage_whose_chunk_failed_is_recorded_incomplete_and_reruns_the_rest(tmp_path, client):
+    out = tmp_path / "s.zarr"
+    stack = ParticleStack.create(out, n=10, box=4, pixel_size=1.0, chunk=3, with_ctf=False)
+    record_command(stack, "test", {})
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_chunks(client, stack, "ramp", _ramp_failing_at, args=(4, 3))
+    info = ParticleStack.open(out).info
+    record = info["stages"]["ramp"]
+    # recorded incomplete before any task ran; nothing of the run's end was written
+    assert record["complete"] is False and record["started_at_last_run"] and "wall_s_last_run" not in record
+    assert info["complete"] is False and info.get("run_log", []) == []
+    flags = stack.group["_done/ramp"][:]
+    assert flags[1] == 0
+    run_chunks(client, stack, "ramp", _ramp_failing_at, args=(4, -1))
+    record = stack.info["stages"]["ramp"]
+    assert record["complete"] and record["chunks_computed_last_run"] == np.count_nonzero(flags == 0)
+    np.testing.assert_array_equal(stack.images[:, 0, 0], [0, 0, 0, 3, 3, 3, 6, 6, 6, 9])
