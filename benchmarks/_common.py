@@ -6,6 +6,9 @@ import datetime as _dt
 import json
 import os
 import platform
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +54,16 @@ def write_result(name: str, payload: dict[str, Any], row: str) -> Path:
         table.write(f"| {today} | {name} | {row} | {payload['machine']} |\n")
     print(json.dumps(payload, indent=2, default=str))
     return path
+
+
+@contextmanager
+def scratch_cluster(workers: int, prefix: str) -> Iterator[tuple[Path, Any]]:
+    """A temporary directory and a client of a LocalCluster with ``workers`` single-threaded processes."""
+    from distributed import Client, LocalCluster
+
+    with (
+        tempfile.TemporaryDirectory(prefix=prefix) as tmp,
+        LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        yield Path(tmp), client

@@ -79,7 +79,7 @@ import zarr
 
 from .errors import InputError, OutputExistsError, ParameterError
 from .image import centered_coordinates, disk_mask, fourier_shift
-from .pipeline import map_chunks, mark_complete, paths_overlap, record_command, run_chunks
+from .pipeline import begin_run, map_chunks, mark_complete, paths_overlap, record_command, run_chunks
 from .stack import ATTRS_KEY, ParticleStack, is_cryoden_store
 
 __all__ = [
@@ -732,6 +732,7 @@ def center(
         polarity = _bright_sign(sum(sums))
         _create_centering(stack, params, polarity)
 
+    begin_run(stack)  # this centring's run-log entries get their own run number
     run_chunks(
         client,
         stack,

@@ -460,10 +460,14 @@ def _per_frequency(client, task: Callable, graph: Graph, per_k_args: Mapping[int
     from .pipeline import gather_in_order
 
     [shared_graph] = client.scatter([graph], broadcast=True)
+    # Array arguments (coefficient blocks) go to the workers as data, not inside the task graph.
+    scattered = {
+        k: [client.scatter(arg) if isinstance(arg, np.ndarray) else arg for arg in args]
+        for k, args in per_k_args.items()
+    }
     stamp = time.time_ns()
     futures = [
-        client.submit(task, shared_graph, k, *args, key=f"{desc}-k{k}-{stamp}", pure=False)
-        for k, args in per_k_args.items()
+        client.submit(task, shared_graph, k, *scattered[k], key=f"{desc}-k{k}-{stamp}", pure=False) for k in per_k_args
     ]
     return dict(zip(per_k_args, gather_in_order(client, futures, desc), strict=True))
 

@@ -286,6 +286,7 @@ def run_chunks(
     args: tuple = (),
     bounds: Sequence[tuple[int, int]] | None = None,
     params: Mapping[str, Any] | None = None,
+    resources: Mapping[str, float] | None = None,
 ) -> list[dict]:
     """Run ``kernel`` over the chunks of ``stack``, writing its outputs.
 
@@ -310,6 +311,9 @@ def run_chunks(
         Chunk ranges; default the image chunks of ``stack``.
     params : mapping, optional
         Parameters recorded in the stage's attribute record.
+    resources : mapping, optional
+        Dask worker resources every chunk task needs, e.g. ``{"GPU": 1}``: the tasks then run only on workers
+        started with ``--resources GPU=1`` (passed to ``submit``, which the scheduler honours).
 
     Returns
     -------
@@ -345,6 +349,7 @@ def run_chunks(
                 *bounds[i],
                 shared_args,
                 key=f"{stage}-chunk-{i}-{stack.path.name}-{time.time_ns()}",
+                resources=resources,
             )
             for i in pending
         ]

@@ -368,7 +368,7 @@ class SteerablePCA:
         block = coeffs[:, self._slices[k]]
         return block - self.mean if k == 0 else block
 
-    def project(self, coeffs: np.ndarray) -> np.ndarray:
+    def project(self, coeffs: np.ndarray, noise_scale: np.ndarray | None = None) -> np.ndarray:
         """Reduced, denoised steerable coefficients ``b_k = diag(w_k) U_k^T W_k (a_k - mu_k)``.
 
         They are the coordinates of the denoised image (minus the mean image) along the kept eigenvectors, in
@@ -381,6 +381,9 @@ class SteerablePCA:
         ----------
         coeffs : ndarray, shape (n, basis.count), complex
             FB coefficients.
+        noise_scale : ndarray of float, shape (n,), optional
+            Per image, its noise variance relative to the model's (e.g. the noise gain of an average of
+            neighbours): the Wiener weights become ``ell / (ell + nu_k s_i)``. Default 1 (the model's weights).
 
         Returns
         -------
@@ -391,8 +394,19 @@ class SteerablePCA:
         dtype = np.result_type(coeffs.dtype, np.complex64)
         out = np.empty((coeffs.shape[0], self.count), dtype=dtype)
         offsets = np.concatenate([[0], np.cumsum(self.kept)])
+        if noise_scale is not None:
+            noise_scale = np.asarray(noise_scale, dtype=np.float64)
+            if noise_scale.shape != (coeffs.shape[0],) or not np.all(noise_scale > 0):
+                raise ParameterError(f"sPCA: noise_scale needs {coeffs.shape[0]} positive values, one per image")
         for k in np.flatnonzero(self.kept):
-            out[:, offsets[k] : offsets[k + 1]] = self._centred(coeffs, k) @ self._analysis[k].T.astype(dtype)
+            block = slice(offsets[k], offsets[k + 1])
+            if noise_scale is None:
+                out[:, block] = self._centred(coeffs, k) @ self._analysis[k].T.astype(dtype)
+                continue
+            ell = self.shrunk_eigenvalues[k]
+            weights = ell / (ell + self.noise_levels[k] * noise_scale[:, None])  # [n, kept]
+            coordinates = self._centred(coeffs, k) @ (self.eigenvectors[k][:, : self.kept[k]].T @ self.whitening[k]).T
+            out[:, block] = weights * coordinates
         return out
 
     def reconstruct(self, reduced: np.ndarray) -> np.ndarray:
@@ -419,18 +433,20 @@ class SteerablePCA:
         out[:, self._slices[0]] = out[:, self._slices[0]].real
         return out
 
-    def denoise(self, coeffs: np.ndarray) -> np.ndarray:
+    def denoise(self, coeffs: np.ndarray, noise_scale: np.ndarray | None = None) -> np.ndarray:
         """Wiener-filtered FB coefficients ``mu + W^{-1} U diag(w) U^T W (a - mu)`` per block.
 
         Parameters
         ----------
         coeffs : ndarray, shape (n, basis.count), complex
+        noise_scale : ndarray of float, shape (n,), optional
+            Per-image noise variance relative to the model's (:meth:`project`).
 
         Returns
         -------
         ndarray, same shape; blocks without kept components become their mean (0 for ``k > 0``).
         """
-        return self.reconstruct(self.project(coeffs))
+        return self.reconstruct(self.project(coeffs, noise_scale))
 
     def error_spectrum(self, basis: FBBasis) -> np.ndarray:
         """Expected squared error of :meth:`denoise`, per ring of the DFT grid, in ``|FFT|^2`` units per point.
