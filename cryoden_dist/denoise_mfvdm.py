@@ -756,6 +756,12 @@ def _project_chunk(start: int, stop: int, store: str, model: SteerablePCA) -> di
     return {"coeffs/spca": model.project(_read(store, "coeffs/fb", slice(start, stop))).astype(np.complex64)}
 
 
+def _fit_features(store: str, coeffs_name: str, angular_frequency: np.ndarray, n_features: int):
+    return fit_invariant_features(
+        _read(store, coeffs_name), angular_frequency, n_features=n_features, seed=FEATURE_SEED
+    )
+
+
 def _features_chunk(start: int, stop: int, store: str, model, coeffs_name: str, prefix: str) -> dict:
     values, reflected = model.transform(_read(store, coeffs_name, slice(start, stop)))
     return {f"{prefix}features/values": values, f"{prefix}features/reflected": reflected}
@@ -1070,12 +1076,18 @@ class _Run:
         features_stage, knn_stage, align_stage = names[-3:]
 
         def fitted():
-            features = fit_invariant_features(
-                _read(self.store, coeffs_name),
+            # Fitted on a worker, not the driver: workers run BLAS single-threaded on every backend (the nanny
+            # sets the thread variables), the driver's thread count depends on how it was started, and a
+            # multi-threaded BLAS rounds differently (measured: 18 feature values off by 1 ulp between SLURM
+            # and LocalCluster runs when fitted on the driver).
+            features = self.client.submit(
+                _fit_features,
+                self.store,
+                coeffs_name,
                 model.angular_frequency,
-                n_features=self.params["n_features"],
-                seed=FEATURE_SEED,
-            )
+                self.params["n_features"],
+                pure=False,
+            ).result()
             for name in ("features/values", "features/reflected"):
                 _array(self.target, prefix + name, (self.n, features.n_features), np.float32, self.rows)
             return (self.store, features, coeffs_name, prefix)
