@@ -717,6 +717,17 @@ def _array(stack: ParticleStack, name: str, shape: tuple[int, ...], dtype, rows:
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
 
 
+def _store_statistics(stack: ParticleStack, group: str, stats: SPCAStatistics) -> None:
+    """Write sPCA statistics under ``group`` (a resumed run fits its model from them)."""
+    for name, values in stats.to_arrays().items():
+        _array(stack, f"{group}/{name}", values.shape, values.dtype)[...] = values
+
+
+def _load_statistics(stack: ParticleStack, group: str) -> SPCAStatistics:
+    stored = stack.group[group]
+    return SPCAStatistics.from_arrays({name: stored[name][:] for name in stored.array_keys()})
+
+
 def _basis(spec: tuple[int, float, float]) -> FBBasis:
     """The float32 FB basis of ``(box, radius, bandlimit)``, built once per process."""
     box, radius, bandlimit = spec
@@ -1003,8 +1014,7 @@ class _Run:
     def spca(self) -> SteerablePCA:
         group = "coeffs/spca_statistics"
         if self.stages.complete("spca"):
-            stored = self.target.group[group]
-            stats = SPCAStatistics.from_arrays({name: stored[name][:] for name in stored.array_keys()})
+            stats = _load_statistics(self.target, group)
             noise_variance = self.target.info["stages"]["spca"]["params"]["noise_variance"]
         else:
             started = self.stages.begin("spca")
@@ -1017,8 +1027,7 @@ class _Run:
             )
             stats = sum(part["stats"] for part in parts)
             noise_variance = float(sum(part["noise_variance_sum"] for part in parts) / stats.count)
-            for name, values in stats.to_arrays().items():
-                _array(self.target, f"{group}/{name}", values.shape, values.dtype)[...] = values
+            _store_statistics(self.target, group, stats)
             self.stages.record("spca", {"shrinker": self.params["shrinker"], "noise_variance": noise_variance}, started)
         model = fit_spca(stats, self.basis, noise_variance, self.params["shrinker"])
         if model.count == 0:
@@ -1151,16 +1160,18 @@ class _Run:
                     desc="post-spca statistics",
                 )
                 stats = sum(part["stats"] for part in parts)
-                for name, values in stats.to_arrays().items():
-                    _array(self.target, f"{group_stats}/{name}", values.shape, values.dtype)[...] = values
+                _store_statistics(self.target, group_stats, stats)
                 mean_gain = float(sum(part["gain_sum"] for part in parts) / self.n)
                 record.update(mean_noise_gain=mean_gain, noise_variance=model.noise_variance * mean_gain)
             self.stages.record("post-spca", record, started)
         fitted = None
         if record["applied"]:
-            stored = self.target.group[group_stats]
-            stats = SPCAStatistics.from_arrays({name: stored[name][:] for name in stored.array_keys()})
-            post_model = fit_spca(stats, self.basis, record["noise_variance"], self.params["shrinker"])
+            post_model = fit_spca(
+                _load_statistics(self.target, group_stats),
+                self.basis,
+                record["noise_variance"],
+                self.params["shrinker"],
+            )
             fitted = (post_model, record["mean_noise_gain"])
             self.target.update_info(post_spca_model=post_model.summary())
         epsilon = self.params["ctf_epsilon"]
