@@ -22,17 +22,22 @@ first lobe); ``alpha`` is the angle of the frequency vector from the x axis
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import numpy as np
+import scipy.sparse
 
-from .image import frequency_grid
+from .image import centered_coordinates, frequency_grid
 
 __all__ = [
     "CTF_FIELDS",
     "CTFParams",
     "apply_ctf",
     "ctf_images",
+    "ctf_profiles",
+    "ctf_ring_radii",
+    "ctf_rings",
     "electron_wavelength",
     "phase_flip",
 ]
@@ -171,3 +176,67 @@ def apply_ctf(images: np.ndarray, ctf: np.ndarray) -> np.ndarray:
 def phase_flip(images: np.ndarray, ctf: np.ndarray) -> np.ndarray:
     """Multiply the Fourier transform of each image by ``sign(CTF)``."""
     return apply_ctf(images, np.sign(ctf))
+
+
+@functools.lru_cache(maxsize=8)
+def ctf_rings(box: int, radius: float) -> tuple[np.ndarray, scipy.sparse.csr_matrix]:
+    """The rings of equal radius of the centred DFT grid inside the disk, and the ring-averaging matrix.
+
+    Parameters
+    ----------
+    box : int
+    radius : float
+        Pixels strictly inside (distance ``< radius`` from pixel ``L // 2``, the FB disk) belong to a ring.
+
+    Returns
+    -------
+    ring : ndarray of int64, shape (L, L)
+        Ring of each pixel (rings ordered by radius), -1 outside the disk.
+    average : scipy.sparse.csr_matrix, shape (rings, L * L)
+        ``average @ image.ravel()``: the mean of the image over each ring.
+    """
+    y, x = centered_coordinates(box)
+    squared = (x * x + y * y).astype(np.int64)  # integer offsets: equal radii are equal integers
+    inside = squared < radius * radius
+    _, index = np.unique(squared[inside], return_inverse=True)
+    ring = np.full((box, box), -1, dtype=np.int64)
+    ring[inside] = index
+    pixels = np.flatnonzero(inside.ravel())
+    counts = np.bincount(index)
+    average = scipy.sparse.csr_matrix((1.0 / counts[index], (index, pixels)), shape=(counts.size, box * box))
+    return ring, average
+
+
+def ctf_profiles(magnitude: np.ndarray, radius: float) -> np.ndarray:
+    """Ring means of ``|H|`` on the centred DFT grid: its isotropic (``k = 0``) part on the pixel radii.
+
+    Parameters
+    ----------
+    magnitude : ndarray, shape (n, L, L)
+        ``|H|`` with the zero frequency at pixel ``L // 2`` (``np.fft.fftshift`` of :func:`ctf_images`).
+    radius : float
+        The FB disk radius: frequencies up to ``radius / L`` cycles per pixel.
+
+    Returns
+    -------
+    ndarray of float32, shape (n, rings)
+    """
+    _, average = ctf_rings(magnitude.shape[-1], float(radius))
+    return (average @ magnitude.reshape(magnitude.shape[0], -1).T).T.astype(np.float32)
+
+
+def ctf_ring_radii(box: int, radius: float) -> np.ndarray:
+    """Radius in pixels (of the centred DFT grid) of each ring of :func:`ctf_rings`, increasing.
+
+    Parameters
+    ----------
+    box : int
+    radius : float
+
+    Returns
+    -------
+    ndarray of float64, shape (rings,)
+    """
+    y, x = centered_coordinates(box)
+    squared = (x * x + y * y).astype(np.int64)
+    return np.sqrt(np.unique(squared[squared < radius * radius]).astype(np.float64))

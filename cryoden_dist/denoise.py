@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import scipy.fft
 
-from .basis.spca import SHRINKERS, resolve_spca_wiener, run_spca_wiener
+from .basis.spca import CTF_MODELS, SHRINKERS, resolve_spca_wiener, run_spca_wiener
 from .ctf import ctf_images
 from .denoise_mfvdm import (
     CLASS_AVERAGE_DEFAULTS,
@@ -417,10 +417,11 @@ METHODS: dict[str, Method] = {
             name="spca-wiener",
             summary=(
                 "steerable PCA Wiener filter (radius=L//2-1 px, bandlimit=0.5, "
-                f"shrinker={'|'.join(SHRINKERS)}); with CTF: phase flip + |H| deconvolution, CTF-free output"
+                f"shrinker={'|'.join(SHRINKERS)}); with CTF: ctf_model={'|'.join(CTF_MODELS)} (covariance Wiener "
+                "filter with each particle's CTF, or phase flip + |H| deconvolution), CTF-free output"
             ),
             needs_ctf=False,
-            defaults={"radius": None, "bandlimit": None, "shrinker": SHRINKERS[0]},
+            defaults={"radius": None, "bandlimit": None, "shrinker": SHRINKERS[0], "ctf_model": CTF_MODELS[0]},
             run=run_spca_wiener,
             resolve=resolve_spca_wiener,
             # Corrected for CTF-modulated input; run_spca_wiener records the input's state for the others.

@@ -133,16 +133,15 @@ from typing import Any
 
 import numpy as np
 import scipy.fft
-import scipy.sparse
 import zarr
 
 from .align import align_pairs
 from .basis.fb import FBBasis
 from .basis.spca import SHRINKERS, SPCAStatistics, SteerablePCA, fit_spca, input_ctf_state, spca_statistics
-from .ctf import ctf_images, phase_flip
+from .ctf import ctf_images, ctf_profiles, ctf_rings, phase_flip
 from .errors import InputError, ParameterError
 from .features import fit_invariant_features
-from .image import centered_coordinates, noise_variance_from_corners
+from .image import noise_variance_from_corners
 from .knn import choose_method, nearest_neighbors, resolve_device
 from .mfvdm import (
     build_graph,
@@ -165,8 +164,6 @@ __all__ = [
     "candidate_affinity",
     "class_average_stages",
     "ctf_corrected_images",
-    "ctf_profiles",
-    "ctf_rings",
     "filtered_frequencies",
     "knn_resources",
     "mfvdm_stages",
@@ -574,53 +571,6 @@ def aligned_average(
         phases = np.exp(1j * edge_angles[block][..., None] * angular_frequency).astype(np.complex64)
         out[block] = (coeffs[rows[block]] + (members * phases).sum(axis=1)) / (nodes.shape[1] + 1)
     return out
-
-
-@functools.lru_cache(maxsize=8)
-def ctf_rings(box: int, radius: float) -> tuple[np.ndarray, scipy.sparse.csr_matrix]:
-    """The rings of equal radius of the centred DFT grid inside the disk, and the ring-averaging matrix.
-
-    Parameters
-    ----------
-    box : int
-    radius : float
-        Pixels strictly inside (distance ``< radius`` from pixel ``L // 2``, the FB disk) belong to a ring.
-
-    Returns
-    -------
-    ring : ndarray of int64, shape (L, L)
-        Ring of each pixel (rings ordered by radius), -1 outside the disk.
-    average : scipy.sparse.csr_matrix, shape (rings, L * L)
-        ``average @ image.ravel()``: the mean of the image over each ring.
-    """
-    y, x = centered_coordinates(box)
-    squared = (x * x + y * y).astype(np.int64)  # integer offsets: equal radii are equal integers
-    inside = squared < radius * radius
-    _, index = np.unique(squared[inside], return_inverse=True)
-    ring = np.full((box, box), -1, dtype=np.int64)
-    ring[inside] = index
-    pixels = np.flatnonzero(inside.ravel())
-    counts = np.bincount(index)
-    average = scipy.sparse.csr_matrix((1.0 / counts[index], (index, pixels)), shape=(counts.size, box * box))
-    return ring, average
-
-
-def ctf_profiles(magnitude: np.ndarray, radius: float) -> np.ndarray:
-    """Ring means of ``|H|`` on the centred DFT grid: its isotropic (``k = 0``) part on the pixel radii.
-
-    Parameters
-    ----------
-    magnitude : ndarray, shape (n, L, L)
-        ``|H|`` with the zero frequency at pixel ``L // 2`` (``np.fft.fftshift`` of :func:`ctf_images`).
-    radius : float
-        The FB disk radius: frequencies up to ``radius / L`` cycles per pixel.
-
-    Returns
-    -------
-    ndarray of float32, shape (n, rings)
-    """
-    _, average = ctf_rings(magnitude.shape[-1], float(radius))
-    return (average @ magnitude.reshape(magnitude.shape[0], -1).T).T.astype(np.float32)
 
 
 def ctf_corrected_images(basis: FBBasis, coeffs: np.ndarray, profiles: np.ndarray | None, epsilon: float) -> np.ndarray:

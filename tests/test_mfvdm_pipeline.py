@@ -13,14 +13,12 @@ from click.testing import CliRunner
 from cryoden_dist.align import align_pairs
 from cryoden_dist.basis.fb import FBBasis
 from cryoden_dist.cli import main
-from cryoden_dist.ctf import ctf_images, phase_flip
+from cryoden_dist.ctf import ctf_images, ctf_profiles, ctf_rings, phase_flip
 from cryoden_dist.denoise import denoise
 from cryoden_dist.denoise_mfvdm import (
     aligned_average,
     alignment_to_edge_angles,
     ctf_corrected_images,
-    ctf_profiles,
-    ctf_rings,
     filtered_frequencies,
     mfvdm_stages,
     neighbor_accuracy,

@@ -240,21 +240,23 @@ def _denoise_cli(stack: ParticleStack, method: str, out, scheduler_address: str,
 def test_spca_wiener_beats_wiener_with_ctf(module_client, scheduler_address, tmp_path_factory):
     sim = _simulation(tmp_path_factory, module_client, "ctf", with_ctf=True)
     out = tmp_path_factory.mktemp("out")
-    spca = _denoise_cli(sim, "spca-wiener", out / "spca.zarr", scheduler_address)
+    cwf = _denoise_cli(sim, "spca-wiener", out / "cwf.zarr", scheduler_address)
+    flip = _denoise_cli(sim, "spca-wiener", out / "flip.zarr", scheduler_address, "ctf_model=flip")
     wiener = _denoise_cli(sim, "wiener", out / "wiener.zarr", scheduler_address)
     errors = {
         name: evaluate(s.path, sim.path, client=module_client)["rel_mse"]
-        for name, s in (("raw", sim), ("spca", spca), ("wiener", wiener))
+        for name, s in (("raw", sim), ("cwf", cwf), ("flip", flip), ("wiener", wiener))
     }
-    # measured on this seed: raw 1.34, wiener 0.265, spca-wiener 0.046
-    assert errors["spca"] < 0.5 * errors["wiener"]
-    assert errors["spca"] < 0.1
-    info = spca.info
-    assert info["images_ctf_state"] == "corrected"
-    assert info["params"] == {"radius": 23.0, "bandlimit": 0.5, "shrinker": "frobenius"}
-    assert info["spca_noise_variance"] == pytest.approx(sim.info["noise_variance"], rel=0.05)
-    assert 10 < info["spca_model"]["components"] < 150
-    assert "signal_power" in info["wiener_model"]
+    # measured on this seed: raw 1.34, wiener 0.265, spca-wiener flip 0.0457, cwf 0.0417
+    assert errors["cwf"] < errors["flip"] < 0.5 * errors["wiener"]
+    assert errors["cwf"] < 0.1
+    for stack, model in ((cwf, "cwf"), (flip, "flip")):
+        info = stack.info
+        assert info["images_ctf_state"] == "corrected"
+        assert info["params"] == {"radius": 23.0, "bandlimit": 0.5, "shrinker": "frobenius", "ctf_model": model}
+        assert info["spca_noise_variance"] == pytest.approx(sim.info["noise_variance"], rel=0.05)
+        assert 10 < info["spca_model"]["components"] < 150
+    assert "signal_power" in flip.info["wiener_model"] and "wiener_model" not in cwf.info
 
 
 def test_spca_wiener_without_ctf_beats_a_ctf_free_wiener_filter(module_client, scheduler_address, tmp_path_factory):
