@@ -84,6 +84,7 @@ __all__ = [
     "build_graph",
     "connection_matrix",
     "normalized_connection",
+    "mirror_real_form",
     "top_eigenpairs",
     "eigenpairs_per_frequency",
     "mfvdm_affinity_neighbors",
@@ -327,6 +328,7 @@ def top_eigenpairs(
     maxiter: int | None = None,
     seed: int = 0,
     start: np.ndarray | None = None,
+    mirrored: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``m`` largest (algebraic) eigenpairs of a Hermitian matrix.
 
@@ -352,6 +354,12 @@ def top_eigenpairs(
         Seed of the random start vector(s), so results are reproducible.
     start : ndarray, shape (N, b), optional
         LOBPCG warm start: columns placed first in the start block.
+    mirrored : bool
+        ``S`` is the matrix of a graph over images and their mirror images (:func:`build_graph` with
+        reflections): when it is complex, the equivalent real symmetric problem of the same size is solved instead
+        (:func:`mirror_real_form`; ARPACK has no complex Hermitian mode, so a complex ``S`` takes its general
+        Arnoldi path: measured 2.2 x slower at N = 20000, m = 50). The eigenvectors returned have the form
+        ``(u, conj(u))``.
 
     Returns
     -------
@@ -376,6 +384,11 @@ def top_eigenpairs(
     if method not in ("eigsh", "lobpcg", "dense"):
         raise ParameterError(f"mfvdm: eigensolver method={method!r}; use 'auto', 'eigsh', 'lobpcg' or 'dense'")
     S = _real_if_possible(S)
+    if mirrored and np.iscomplexobj(S):  # a real S (k = 0) is solved as it is
+        values, vectors = top_eigenpairs(
+            mirror_real_form(S), m, method, tol, maxiter, seed, None if start is None else _real_form_vectors(start)
+        )
+        return values, _mirror_vectors(vectors)
     complex_ = np.iscomplexobj(S)
     rng = np.random.default_rng(seed)
     if method == "dense":
@@ -399,6 +412,45 @@ def top_eigenpairs(
         values, vectors = lobpcg(S, initial, tol=tol, maxiter=maxiter or 500, largest=True)
     order = np.argsort(values)[::-1][:m]
     return np.asarray(values[order], dtype=np.float64), vectors[:, order]
+
+
+def mirror_real_form(S) -> sp.csr_matrix:
+    """The real symmetric matrix with the spectrum of a mirrored graph's Hermitian ``S`` (same size ``2n``).
+
+    Nodes ``n + j`` mirror nodes ``j`` (:func:`build_graph`), so ``S = [[A, B], [conj(B), conj(A)]]`` with ``A``
+    Hermitian and ``B`` symmetric. ``S`` commutes with ``(x, y) -> (conj(y), conj(x))``, so its eigenvectors can
+    be taken as ``(u, conj(u))``; with ``u = a + i b``, ``S (u, conj(u)) = lambda (u, conj(u))`` is
+    ``R (a, b) = lambda (a, b)`` for
+    ``R = [[Re A + Re B, Im B - Im A], [Im A + Im B, Re A - Re B]]``, real symmetric of size ``2n``.
+
+    Parameters
+    ----------
+    S : sparse matrix or ndarray, shape (2n, 2n)
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of float64, shape (2n, 2n)
+    """
+    S = sp.csr_matrix(S)
+    if S.shape[0] % 2:
+        raise ParameterError(f"mfvdm: a mirrored graph has an even number of nodes, not {S.shape[0]}")
+    n = S.shape[0] // 2
+    A, B = S[:n, :n], S[:n, n:]
+    return sp.bmat([[A.real + B.real, B.imag - A.imag], [A.imag + B.imag, A.real - B.real]], format="csr")
+
+
+def _mirror_vectors(real_vectors: np.ndarray) -> np.ndarray:
+    """Eigenvectors ``(a, b)`` of :func:`mirror_real_form` -> unit eigenvectors ``(u, conj(u)) / sqrt(2)`` of S."""
+    n = real_vectors.shape[0] // 2
+    u = (real_vectors[:n] + 1j * real_vectors[n:]) / np.sqrt(2)
+    return np.concatenate([u, u.conj()])
+
+
+def _real_form_vectors(vectors: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_mirror_vectors` (for warm starts): ``(u, conj(u)) / sqrt(2)`` -> ``(Re u, Im u)``."""
+    n = vectors.shape[0] // 2
+    u = vectors[:n] * np.sqrt(2)
+    return np.concatenate([u.real, u.imag])
 
 
 def _real_if_possible(S):
@@ -448,7 +500,7 @@ def _frequencies(ks: Iterable[int], minimum: int) -> list[int]:
 def _frequency_eigenpairs(graph: Graph, k: int, m: int, method: str, tol: float) -> tuple[np.ndarray, np.ndarray]:
     started = time.perf_counter()
     S, _ = normalized_connection(graph, k)
-    result = top_eigenpairs(S, m, method=method, tol=tol, seed=k)
+    result = top_eigenpairs(S, m, method=method, tol=tol, seed=k, mirrored=graph.with_reflections)
     log.debug("mfvdm: k=%d, %d eigenpairs of %d nodes in %.2f s", k, m, graph.n_nodes, time.perf_counter() - started)
     return result
 
@@ -711,7 +763,7 @@ def _filter_frequency(
     graph: Graph, k: int, coefficients: np.ndarray, m: int, delta: float, method: str, tol: float
 ) -> np.ndarray:
     S, d = normalized_connection(graph, k)
-    eigenvalues, U = top_eigenpairs(S, m, method=method, tol=tol, seed=k)
+    eigenvalues, U = top_eigenpairs(S, m, method=method, tol=tol, seed=k, mirrored=graph.with_reflections)
     nodes = stack_with_reflections(coefficients) if graph.with_reflections else np.asarray(coefficients)
     projected = U.conj().T @ (np.sqrt(d)[:, None] * nodes)
     filtered = _inverse_sqrt(d)[: graph.n_images, None] * (

@@ -224,6 +224,16 @@ def test_eigensolvers_agree():
         assert np.all(np.diff(values) <= 0)
         assert np.max(np.linalg.norm(S @ vectors - vectors * values, axis=0)) < 1e-5
         np.testing.assert_allclose(vectors.conj().T @ vectors, np.eye(10), atol=1e-8)
+    # A mirrored graph's real symmetric form: the same spectrum, eigenvectors (u, conj(u)) of S.
+    n = small.neighbors.shape[0]
+    real_form = mfvdm.mirror_real_form(S)
+    assert real_form.dtype == np.float64 and abs(real_form - real_form.T).max() == 0
+    for method in ("eigsh", "lobpcg", "dense"):
+        values, vectors = mfvdm.top_eigenpairs(S, 10, method=method, tol=1e-8, mirrored=True)
+        np.testing.assert_allclose(values, dense_values, atol=1e-7)
+        assert np.max(np.linalg.norm(S @ vectors - vectors * values, axis=0)) < 1e-5
+        np.testing.assert_allclose(vectors.conj().T @ vectors, np.eye(10), atol=1e-8)
+        np.testing.assert_allclose(vectors[n:], vectors[:n].conj(), atol=1e-12)
     # k = 0: the real solver path gives the same spectrum as the dense complex one.
     S0, _ = mfvdm.normalized_connection(mfvdm.build_graph(small.neighbors, small.angles), 0)
     np.testing.assert_allclose(
