@@ -31,7 +31,7 @@ Stages
     authors' code, or the correlations clipped to ``[1e-3, 1]``), top ``m`` eigenpairs of ``S_k``,
     ``k = 1 .. k_max`` (:func:`~cryoden_dist.mfvdm.eigenpairs_per_frequency`, the graph scattered once) ->
     ``mfvdm/eigenvalues``, ``mfvdm/eigenvectors`` (complex64).
-``mfvdm-neighbors`` (one task per chunk)
+``mfvdm-neighbors`` (about 8 tasks, :func:`coarse_bounds`: each reads all eigenvectors)
     The ``knn`` nodes of largest MFVDM affinity among the two-hop neighbourhood of the round-1 graph
     (:func:`refine_neighbors`; the exact search costs ``O(n 2n sum m)``) and their angles by ICIP 2021 eq. 5
     (:func:`~cryoden_dist.mfvdm.mfvdm_angles`) -> ``mfvdm/neighbors``, ``mfvdm/affinity``, ``mfvdm/angles``.
@@ -162,9 +162,11 @@ __all__ = [
     "aligned_average",
     "alignment_to_edge_angles",
     "candidate_affinity",
+    "coarse_bounds",
     "class_average_stages",
     "ctf_corrected_images",
     "filtered_frequencies",
+    "joined_embedding",
     "knn_resources",
     "mfvdm_stages",
     "neighbor_accuracy",
@@ -186,6 +188,8 @@ log = logging.getLogger(__name__)
 TWO_PI = 2.0 * np.pi
 #: Diffusion time of the MFVDM embedding (the inner products carry ``lambda^2t``), as in :mod:`cryoden_dist.mfvdm`.
 DIFFUSION_TIME = 1
+#: About how many tasks ``mfvdm-neighbors`` runs (:func:`coarse_bounds`).
+REFINE_TASKS = 8
 #: Image rows whose candidate affinities are computed at once (memory ``rows x candidates x m`` complex64).
 AFFINITY_ROWS = 16
 #: Images averaged at once by :func:`aligned_average` (memory ``rows x knn x count`` complex64).
@@ -350,14 +354,17 @@ def two_hop_candidates(neighbors: np.ndarray, rows: np.ndarray) -> tuple[np.ndar
 
 
 def candidate_affinity(
-    unit: list[np.ndarray], rows: np.ndarray, candidates: np.ndarray, valid: np.ndarray
+    joined: np.ndarray, frequencies: int, rows: np.ndarray, candidates: np.ndarray, valid: np.ndarray
 ) -> np.ndarray:
     """MFVDM affinities ``sum_k |<V_k(i), V_k(j)>|`` of each image with its candidate nodes.
 
     Parameters
     ----------
-    unit : list of ndarray, shape (N, m_k)
-        Per frequency, the embedding rows ``lambda^t u(i)`` scaled to unit norm.
+    joined : ndarray, shape (N, frequencies * m)
+        Per node, the embedding rows ``lambda^t u(i)`` of every frequency, each scaled to unit norm, side by
+        side (:func:`joined_embedding`).
+    frequencies : int
+        Number of frequencies in ``joined`` (each has ``m`` columns).
     rows : ndarray of int, shape (b,)
     candidates : ndarray of int, shape (b, C)
     valid : ndarray of bool, shape (b, C)
@@ -368,8 +375,6 @@ def candidate_affinity(
         ``-inf`` where not valid.
     """
     out = np.full(candidates.shape, -np.inf, dtype=np.float32)
-    joined = np.concatenate(unit, axis=1)  # one gather of every frequency's row per candidate
-    frequencies = len(unit)
     for start in range(0, rows.size, AFFINITY_ROWS):  # blocks of rows bound the gathered [pairs, sum m] arrays
         block = slice(start, start + AFFINITY_ROWS)
         # Valid pairs only: rows have ~400 distinct two-hop candidates, padded to the widest row (~1900).
@@ -378,6 +383,30 @@ def candidate_affinity(
         images = np.repeat(rows[block], np.count_nonzero(valid[block], axis=1))
         products = (joined[nodes] * joined[images].conj()).reshape(nodes.size, frequencies, -1).sum(axis=2)
         out[block][owner, column] = np.abs(products).sum(axis=1)
+    return out
+
+
+def joined_embedding(embeddings: dict[int, tuple[np.ndarray, np.ndarray]], t: float = DIFFUSION_TIME) -> np.ndarray:
+    """The unit-norm diffusion embeddings of every frequency side by side, ``[N, sum m]`` complex64.
+
+    Parameters
+    ----------
+    embeddings : mapping k -> (eigenvalues [m], eigenvectors [N, m])
+    t : float
+        Diffusion time.
+
+    Returns
+    -------
+    ndarray of complex64, shape (N, len(embeddings) * m)
+    """
+    ks = sorted(embeddings)
+    first = embeddings[ks[0]][1]
+    widths = [embeddings[k][1].shape[1] for k in ks]
+    if len(set(widths)) != 1:
+        raise ParameterError(f"mfvdm: the frequencies have different numbers of eigenpairs {widths}; use one m")
+    out = np.empty((first.shape[0], sum(widths)), dtype=np.complex64)
+    for index, k in enumerate(ks):  # one frequency at a time: no second full-size copy
+        out[:, index * widths[0] : (index + 1) * widths[0]] = normalized_embedding(*embeddings[k], t)
     return out
 
 
@@ -414,15 +443,12 @@ def refine_neighbors(
         By decreasing affinity.
     affinity : ndarray of float32, shape (b, n_neighbors)
     """
-    unit = [
-        normalized_embedding(values, vectors, t).astype(np.complex64)
-        for values, vectors in (embeddings[k] for k in sorted(embeddings))
-    ]
+    joined = joined_embedding(embeddings, t)
     rows = np.asarray(rows, dtype=np.int64)
     candidates, valid = two_hop_candidates(initial, rows)
     if valid.sum(axis=1).min() < n_neighbors:
         raise ParameterError(f"mfvdm: some images have fewer than {n_neighbors} two-hop candidates; lower --param knn")
-    affinity = candidate_affinity(unit, rows, candidates, valid)
+    affinity = candidate_affinity(joined, len(embeddings), rows, candidates, valid)
     top = np.argpartition(-affinity, n_neighbors - 1, axis=1)[:, :n_neighbors]
     values = np.take_along_axis(affinity, top, axis=1)
     order = np.argsort(-values, axis=1, kind="stable")
@@ -1154,6 +1180,27 @@ def knn_resources(client, device: str) -> dict[str, int] | None:
     return {"GPU": 1} if any(worker.get("resources", {}).get("GPU", 0) > 0 for worker in workers) else None
 
 
+def coarse_bounds(n: int, chunk: int, tasks: int = REFINE_TASKS) -> list[tuple[int, int]]:
+    """Row ranges of a stage whose every task reads an ``O(n)`` array (``mfvdm-neighbors``: all eigenvectors).
+
+    About ``tasks`` ranges, each a whole number of ``chunk`` rows (the output arrays' chunks, so no two tasks
+    write one chunk); never smaller than one chunk. At n = 10^5 and 65 px (chunks of 1985) the eigenvectors
+    (``2n x k_max m`` complex64, 0.8 GB) are then read 8 times instead of 51.
+
+    Parameters
+    ----------
+    n : int
+    chunk : int
+    tasks : int
+
+    Returns
+    -------
+    list of (start, stop)
+    """
+    per_task = chunk * max(1, -(-n // (tasks * chunk)))
+    return [(start, min(start + per_task, n)) for start in range(0, n, per_task)]
+
+
 def filtered_frequencies(kept: np.ndarray) -> list[int]:
     """The angular frequencies the MFVDM filter acts on: ``0 .. k*``, the leading run of sPCA-kept frequencies.
 
@@ -1214,6 +1261,7 @@ def run_mfvdm(source: ParticleStack, target: ParticleStack, params: dict, client
             client,
             _refine_chunk,
             lambda: (run.store, knn, round_prefix(1)),
+            bounds=coarse_bounds(n, run.rows),
             params={"knn": knn, "candidates": "two-hop", "t": DIFFUSION_TIME},
         )
         return "mfvdm/neighbors"

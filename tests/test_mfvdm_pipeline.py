@@ -18,6 +18,7 @@ from cryoden_dist.denoise import denoise
 from cryoden_dist.denoise_mfvdm import (
     aligned_average,
     alignment_to_edge_angles,
+    coarse_bounds,
     ctf_corrected_images,
     filtered_frequencies,
     mfvdm_stages,
@@ -347,3 +348,13 @@ def test_knn_stage_asks_for_a_gpu_only_where_workers_have_one(client):
     ):
         assert knn_resources(gpu_client, "auto") == {"GPU": 1} == knn_resources(gpu_client, "gpu")
         assert knn_resources(gpu_client, "cpu") is None
+
+
+def test_coarse_bounds_are_whole_chunks_covering_every_row():
+    for n, chunk in ((100_000, 1985), (10_000, 1985), (1000, 400), (7, 10)):
+        bounds = coarse_bounds(n, chunk)
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(stop == start for (_, stop), (start, _) in zip(bounds[:-1], bounds[1:], strict=False))
+        assert all(start % chunk == 0 for start, _ in bounds)
+        assert len(bounds) <= 8
+    assert len(coarse_bounds(100_000, 1985)) == 8 and len(coarse_bounds(10_000, 1985)) == 6
