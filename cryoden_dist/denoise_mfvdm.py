@@ -138,7 +138,7 @@ import zarr
 from .align import align_pairs
 from .basis.fb import FBBasis
 from .basis.spca import SHRINKERS, SPCAStatistics, SteerablePCA, fit_spca, input_ctf_state, spca_statistics
-from .ctf import ctf_images, ctf_profiles, ctf_rings, phase_flip
+from .ctf import ctf_images, ctf_profiles, ctf_ring_radii, ctf_rings, phase_flip
 from .errors import InputError, ParameterError
 from .features import fit_invariant_features
 from .image import noise_variance_from_corners
@@ -979,7 +979,7 @@ class _Run:
         n, count = self.n, self.basis.count
         _array(self.target, "coeffs/fb", (n, count), np.complex64, self.rows)
         if self.ctf:
-            rings = ctf_rings(self.basis.box, self.basis.radius)[1].shape[0]
+            rings = ctf_ring_radii(self.basis.box, self.basis.radius).size
             _array(self.target, "coeffs/ctf_profile", (n, rings), np.float32, self.rows)
         self.stages.run_chunked(
             "coeffs",
@@ -1339,7 +1339,7 @@ def run_class_average(source: ParticleStack, target: ParticleStack, params: dict
     _array(target, "average/fb", (run.n, run.basis.count), np.complex64, run.rows)
     _array(target, "average/noise_gain", (run.n,), np.float32, run.rows)
     if run.ctf:
-        rings = ctf_rings(run.basis.box, run.basis.radius)[1].shape[0]
+        rings = ctf_ring_radii(run.basis.box, run.basis.radius).size
         _array(target, "average/ctf_profile", (run.n, rings), np.float32, run.rows)
     run.stages.run_chunked(
         "average",

@@ -235,8 +235,12 @@ def noise_covariance(basis: FBBasis) -> list[np.ndarray]:
     Returns
     -------
     list of ndarray of float64
-        Per ``k``, shape ``(q_k, q_k)``, symmetric positive definite.
+        Per ``k``, shape ``(q_k, q_k)``, symmetric positive definite. Computed once per basis object (a run
+        fits several models in one basis), so treat them as read-only.
     """
+    cached = getattr(basis, "_noise_covariance", None)
+    if cached is not None:
+        return cached
     rows, cols = np.nonzero(basis.mask)
     total: SPCAStatistics | int = 0
     for start in range(0, rows.size, _IMPULSE_BATCH):
@@ -244,7 +248,9 @@ def noise_covariance(basis: FBBasis) -> list[np.ndarray]:
         impulses = np.zeros((stop - start, basis.box, basis.box), dtype=basis.dtype)
         impulses[np.arange(stop - start), rows[start:stop], cols[start:stop]] = 1
         total = total + spca_statistics(basis.expand(impulses), basis)
-    return [block.real.copy() for block in total.second_moments]
+    blocks = [block.real.copy() for block in total.second_moments]
+    basis._noise_covariance = blocks
+    return blocks
 
 
 # --------------------------------------------------------------------------------------------- shrinkage
@@ -337,13 +343,15 @@ class SteerablePCA:
     def __post_init__(self) -> None:
         bounds = np.searchsorted(self.basis_frequency, np.arange(self.kept.size + 1))
         self._slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        # Analysis (coefficients -> reduced) and synthesis (reduced -> coefficients) maps of each block.
+        # Per block: whitened coordinates along the kept eigenvectors (coefficients -> U^T W a), the analysis
+        # map with the model's Wiener weights, and the synthesis map (reduced -> coefficients).
+        self._coordinates = []
         self._analysis = []
         self._synthesis = []
         for k, kept in enumerate(self.kept):
             vectors = self.eigenvectors[k][:, :kept]
-            weights = self.weights_at(k)
-            self._analysis.append((weights[:, None] * vectors.T) @ self.whitening[k])
+            self._coordinates.append(vectors.T @ self.whitening[k])
+            self._analysis.append(self.weights_at(k)[:, None] * self._coordinates[k])
             self._synthesis.append(self.unwhitening[k] @ vectors)
 
     @property
@@ -416,8 +424,7 @@ class SteerablePCA:
                 continue
             ell = self.shrunk_eigenvalues[k]
             weights = ell / (ell + self.noise_levels[k] * noise_scale[:, None])  # [n, kept]
-            coordinates = self._centred(coeffs, k) @ (self.eigenvectors[k][:, : self.kept[k]].T @ self.whitening[k]).T
-            out[:, block] = weights * coordinates
+            out[:, block] = weights * (self._centred(coeffs, k) @ self._coordinates[k].T.astype(dtype))
         return out
 
     def reconstruct(self, reduced: np.ndarray) -> np.ndarray:
