@@ -142,7 +142,7 @@ from .ctf import ctf_images, ctf_profiles, ctf_ring_radii, ctf_rings, phase_flip
 from .errors import InputError, ParameterError
 from .features import fit_invariant_features
 from .image import noise_variance_from_corners
-from .knn import choose_method, nearest_neighbors, resolve_device
+from .knn import choose_method, faiss_gpu_count, nearest_neighbors, resolve_device
 from .mfvdm import (
     build_graph,
     eigenpairs_per_frequency,
@@ -162,6 +162,7 @@ __all__ = [
     "aligned_average",
     "alignment_to_edge_angles",
     "candidate_affinity",
+    "check_gpu_request",
     "coarse_bounds",
     "class_average_stages",
     "ctf_corrected_images",
@@ -904,7 +905,9 @@ def _resolve_common(method: str, source: ParticleStack, params: dict) -> dict:
     radius = _positive_float(method, "radius", radius, 1.0, box / 2)
     bandlimit = 0.5 if params["bandlimit"] is None else params["bandlimit"]
     device = _choice(method, "device", params["device"], _DEVICES)
-    resolve_device(device, choose_method(2 * n))  # a GPU request without a GPU fails here, before any output
+    # Only whether the index type has a GPU version: the GPU is looked for on the workers (check_gpu_request),
+    # since a cluster's driver (a login node) has none.
+    resolve_device(device, choose_method(2 * n), n_gpus=1)
     # Each image needs knn other nodes among the 2n - 2 that are neither itself nor its mirror.
     knn = _integer(method, "knn", params["knn"], 1, max(1, 2 * n - 2))
     candidates = min(3 * knn, max(knn, 2 * n - 2)) if params["candidates"] is None else params["candidates"]
@@ -973,6 +976,7 @@ class _Run:
         self.basis_spec = (source.box, params["radius"], params["bandlimit"])
         self.basis = _basis(self.basis_spec)
         self.n, self.rows = source.n, source.chunk
+        check_gpu_request(client, params["device"])
         target.update_info(images_ctf_state="corrected" if self.ctf else state, phase_flipped=self.ctf)
 
     def coefficients(self) -> None:
@@ -1168,6 +1172,24 @@ class _Run:
             weights = np.clip(_read(self.store, f"{prefix}graph/correlations"), 1e-3, 1.0)
         neighbors, angles = _read(self.store, f"{prefix}graph/neighbors"), _read(self.store, f"{prefix}graph/angles")
         return build_graph(neighbors, angles, weights, with_reflections=True)
+
+
+def check_gpu_request(client, device: str) -> None:
+    """Fail before any stage when ``device="gpu"`` and no Dask worker's FAISS sees a GPU.
+
+    Raises
+    ------
+    ParameterError
+        Naming the fix: GPU workers (``--gpu-workers``, faiss-gpu on a CUDA node) or another device.
+    """
+    if device != "gpu":
+        return
+    counts = client.run(faiss_gpu_count)
+    if not any(counts.values()):
+        raise ParameterError(
+            f"--param device=gpu: FAISS sees no GPU on any of the {len(counts)} Dask workers; start GPU workers "
+            "(--gpu-workers, with faiss-gpu installed on a CUDA node) or use device=auto or device=cpu"
+        )
 
 
 def knn_resources(client, device: str) -> dict[str, int] | None:

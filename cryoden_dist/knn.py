@@ -30,6 +30,7 @@ __all__ = [
     "AUTO_FLAT_MAX_N",
     "build_index",
     "choose_method",
+    "faiss_gpu_count",
     "nearest_neighbors",
     "prepare_features",
     "resolve_device",
@@ -118,6 +119,11 @@ def choose_method(n: int, method: str = "auto") -> str:
     if method != "auto":
         return method
     return "flat" if n <= AUTO_FLAT_MAX_N else "ivf"
+
+
+def faiss_gpu_count() -> int:
+    """GPUs FAISS sees in this process (0 with ``faiss-cpu``); run it on a worker with ``client.run``."""
+    return int(faiss.get_num_gpus())
 
 
 def resolve_device(device: str, method: str, n_gpus: int | None = None) -> str:
