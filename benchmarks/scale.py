@@ -624,10 +624,30 @@ def targets(results: dict[str, dict]) -> dict[str, bool | None]:
 
 
 def merged_results(fresh: dict[str, dict]) -> dict[str, dict]:
-    """This run's results by ``n``, plus the other ``n`` of the previous ``scale.json`` (each with its date)."""
+    """This run's results by ``n``, plus the other ``n`` of the previous ``scale.json`` (each with its date).
+
+    A run of one backend only (``--backends slurm``) for an ``n`` the previous file has on the other backend
+    joins that entry: the previous backend's commands are kept (with their own date and code under
+    ``earlier_backends``) and the SLURM overhead is computed across the two runs; the outputs cannot be
+    compared (the earlier stores are gone), so ``identical`` is not set.
+    """
     previous_path = RESULTS / "scale.json"
     previous = json.loads(previous_path.read_text()).get("results", {}) if previous_path.is_file() else {}
-    return {**{n: r for n, r in previous.items() if n not in fresh}, **fresh}
+    merged = {**{n: r for n, r in previous.items() if n not in fresh}, **fresh}
+    for n, result in fresh.items():
+        earlier = previous.get(n)
+        if earlier is None or set(result["commands"]) & set(earlier["commands"]):
+            continue
+        joined = dict(result)
+        joined["earlier_backends"] = {
+            backend: {"date": earlier["date"], "code": earlier["code"]} for backend in earlier["commands"]
+        }
+        for key in ("commands", "pipeline_wall_s", "pipeline_cpu_s"):
+            joined[key] = {**earlier[key], **result[key]}
+        if set(joined["commands"]) >= {"local", "slurm"}:
+            joined["slurm_overhead"] = overhead(joined["commands"]["local"], joined["commands"]["slurm"], joined)
+        merged[n] = joined
+    return merged
 
 
 def summary_row(results: dict[str, dict], met: dict) -> str:
@@ -655,8 +675,12 @@ def summary_row(results: dict[str, dict], met: dict) -> str:
                 f"{m} wall {v:+.1%}, CPU {r['slurm_overhead']['pipelines_cpu'][m]:+.1%}"
                 for m, v in r["slurm_overhead"]["pipelines"].items()
             )
-            same = all(v is True for v in r["identical"].values())
-            parts.append(f"n={n} SLURM vs local: {pipes}; outputs identical: {same}")
+            if "identical" in r:
+                same = all(v is True for v in r["identical"].values())
+                compared = f"outputs identical: {same}"
+            else:
+                compared = "outputs not compared (local run of an earlier invocation)"
+            parts.append(f"n={n} SLURM vs local: {pipes}; {compared}")
     met_text = ", ".join(f"{name}: {value}" for name, value in met.items())
     return (
         f"70S 65 px, SNR {SNR}, EMPIAR-10028 CTFs; LocalCluster 2 workers vs SLURM 2 jobs x 1 core. "
@@ -708,7 +732,7 @@ def main() -> None:
     if not record:
         print(json.dumps(payload, indent=2))
         return
-    write_result("scale", payload, summary_row(fresh, payload["targets_met"]))
+    write_result("scale", payload, summary_row({n: results[n] for n in fresh}, payload["targets_met"]))
 
 
 if __name__ == "__main__":
