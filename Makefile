@@ -40,7 +40,7 @@ test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: setup
-	$(BIN)/ruff check cryoden_dist tests benchmarks
+	$(BIN)/ruff check cryoden_dist tests benchmarks notebooks
 	$(BIN)/ruff format --check cryoden_dist tests benchmarks
 
 clean-demo:

@@ -59,11 +59,13 @@ def write_result(name: str, payload: dict[str, Any], row: str) -> Path:
 @contextmanager
 def scratch_cluster(workers: int, prefix: str) -> Iterator[tuple[Path, Any]]:
     """A temporary directory and a client of a LocalCluster with ``workers`` single-threaded processes."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from cryoden_dist.cluster import local_cluster
 
     with (
         tempfile.TemporaryDirectory(prefix=prefix) as tmp,
-        LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster,
+        local_cluster(workers, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         yield Path(tmp), client

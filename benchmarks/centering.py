@@ -294,14 +294,16 @@ def stage_throughput(path: Path, client, repeats: int) -> dict:
 
 
 def main(n: int, repeats: int) -> dict:
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from cryoden_dist.cluster import local_cluster
 
     folder = Path(tempfile.mkdtemp(prefix="cryoden_centering_"))
     load_before = os.getloadavg()[0]  # other jobs share the cores: throughput depends on them
     try:
         started = time.perf_counter()
         with (
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+            local_cluster(2, dashboard_address=":0") as cluster,
             Client(cluster) as client,
         ):
             client.run(importlib.import_module, "cryoden_dist.centering")

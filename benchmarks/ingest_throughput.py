@@ -89,7 +89,9 @@ def time_ingest(star: Path, out: Path, client) -> float:
 
 
 def main(n: int, box: int, repeats: int) -> dict:
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from cryoden_dist.cluster import local_cluster
 
     folder = Path(tempfile.mkdtemp(prefix="cryoden_ingest_bench_"))
     try:
@@ -100,7 +102,7 @@ def main(n: int, box: int, repeats: int) -> dict:
         mrcfile_s = [time_mrcfile_read(mrcs) for _ in range(repeats)]
 
         started = time.perf_counter()
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with local_cluster(2, dashboard_address=None) as cluster:
             with Client(cluster) as client:
                 client.wait_for_workers(2)
                 # a running cluster has the package imported already: do it here, not in the first tasks

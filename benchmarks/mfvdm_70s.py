@@ -122,8 +122,8 @@ def main() -> None:
         "pixel_size_A": 5.0,
         "workers": args.workers,
         "ctf": "EMPIAR-10028 table, white noise",
-        "mfvdm_params": "defaults (knn 50, candidates 150, rounds 2, k_max 10, m 50, filter diffusion, coefficients fb "
-        "+ post_wiener, k_filter 24, ctf_epsilon 0.003)",
+        "mfvdm_params": "defaults (knn 50, candidates 150, averaged_candidates 100, rounds 2, k_max 10, m 50 "
+        "(single-precision ARPACK), filter diffusion, coefficients fb + post_wiener, k_filter 24, ctf_epsilon 0.003)",
         "results": results,
         "targets_met": targets(results, args.n),
     }

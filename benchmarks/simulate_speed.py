@@ -45,8 +45,9 @@ def write_seconds(stack, directory: Path) -> float:
 
 def main() -> None:
     from _common import SHARED_DATA, write_result
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
+    from cryoden_dist.cluster import local_cluster
     from cryoden_dist.datasets import load_volume
     from cryoden_dist.sim.projection import project
     from cryoden_dist.sim.rotations import random_rotations
@@ -64,7 +65,7 @@ def main() -> None:
 
     with (
         tempfile.TemporaryDirectory() as tmp,
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        local_cluster(2, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         client.run(lambda: None)  # workers up before the clock starts

@@ -100,12 +100,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000, help="particles per simulation")
     args = parser.parse_args()
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from cryoden_dist.cluster import local_cluster
 
     started = time.perf_counter()
     with (
         tempfile.TemporaryDirectory(prefix="spca_bench_") as tmp,
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        local_cluster(2, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         runs = [run_snr(snr, args.n, Path(tmp), client) for snr in SNRS]

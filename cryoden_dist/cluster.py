@@ -30,11 +30,13 @@ from .errors import ParameterError
 __all__ = [
     "BATCH_CLUSTERS",
     "PROFILE_KEYS",
+    "WORKER_ENVIRONMENT",
     "client_context",
     "default_profile_path",
     "default_workers",
     "jobqueue_kwargs",
     "load_profile",
+    "local_cluster",
     "make_jobqueue_cluster",
 ]
 
@@ -60,6 +62,14 @@ _STR_KEYS = (
 _LIST_KEYS = ("job_extra_directives", "job_directives_skip", "job_script_prologue", "worker_extra_args")
 #: Keys a profile (or ``overrides``) may set; each is a dask-jobqueue cluster argument.
 PROFILE_KEYS = frozenset(_INT_KEYS + _STR_KEYS + _LIST_KEYS)
+
+#: Environment of every worker process this module starts. Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_`` (so that
+#: freed memory goes back to the OS), and setting any glibc malloc threshold turns off glibc's adaptive mmap
+#: threshold: every temporary array above 128 KiB is then a fresh mmap whose pages are faulted in and zeroed on each
+#: use. Fixing the mmap threshold at 32 MiB (where the adaptive one tops out) keeps the temporaries of a stage's
+#: batches on the heap; trimming still returns the heap's free top. Measured on one 1667-image alignment chunk:
+#: 3.8 s -> 2.7 s (as fast as outside Dask), +90 MiB resident per worker.
+WORKER_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
 
 # What "one GPU per job" means in each batch system's own job-script language.
 _GPU_DIRECTIVE = {"slurm": "--gres=gpu:1", "sge": "-l gpu=1"}
@@ -188,6 +198,11 @@ def jobqueue_kwargs(
     for key in _LIST_KEYS:
         if key in kwargs:
             kwargs[key] = list(kwargs[key])
+    # The batch job's shell exports it; the nanny passes its environment on to the worker process.
+    prologue = kwargs.setdefault("job_script_prologue", [])
+    for name, value in WORKER_ENVIRONMENT.items():
+        if not any(name in line for line in prologue):
+            prologue.append(f"export {name}={value}")
     if gpu:
         if kind == "pbs":
             kwargs["resource_spec"] = _pbs_gpu_resource_spec(kwargs)
@@ -277,6 +292,42 @@ def _check_batch_options(cluster: str | None, scheduler: str | None, used: Mappi
         raise ParameterError(f"{', '.join(given)} only apply to a batch cluster: add --cluster slurm|pbs|sge")
 
 
+def local_cluster(n_workers: int | None = None, dashboard_address: str = DEFAULT_DASHBOARD, **kwargs: Any):
+    """A :class:`distributed.LocalCluster` as the ``cryoden`` commands start it.
+
+    One single-threaded worker process per core (the stages parallelise over
+    tasks, BLAS stays single-threaded in each), with :data:`WORKER_ENVIRONMENT`.
+
+    Parameters
+    ----------
+    n_workers : int, optional
+        Worker processes; default one per core (:func:`default_workers`).
+    dashboard_address : str
+        ``host:port`` of the dashboard (``":0"`` for any free port).
+    **kwargs
+        More :class:`~distributed.LocalCluster` arguments (``memory_limit``, ``resources`` ...).
+
+    Returns
+    -------
+    distributed.LocalCluster
+    """
+    import dask
+    from distributed import LocalCluster
+
+    # glibc reads its malloc settings when the process starts: they must be in the environment the nanny spawns
+    # the worker with ("pre-spawn-environ"); LocalCluster's ``env`` is applied inside the running worker, too late.
+    # A variable already in this process's environment wins (dask's rule for this setting).
+    spawn_environment = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ENVIRONMENT}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_environment}):
+        return LocalCluster(
+            n_workers=n_workers or default_workers(),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=dashboard_address,
+            **kwargs,
+        )
+
+
 @contextlib.contextmanager
 def client_context(
     scheduler: str | None = None,
@@ -346,7 +397,7 @@ def client_context(
             yield client
         return
 
-    from distributed import Client, LocalCluster, get_client
+    from distributed import Client, get_client
 
     if scheduler in (None, "local"):
         with contextlib.suppress(ValueError):
@@ -354,10 +405,8 @@ def client_context(
             announce(f"Using the existing Dask client; dashboard: {existing.dashboard_link}")
             yield existing
             return
-        local = LocalCluster(
-            n_workers=n_workers or default_workers(),
-            threads_per_worker=1,
-            processes=True,
+        local = local_cluster(
+            n_workers,
             dashboard_address=dashboard_address,
             memory_limit=memory_limit,
             # Worker-side "Compute Failed" warnings duplicate the one-line error the

@@ -291,10 +291,11 @@ def _leading_axes(centred: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarr
     data = centred.astype(np.float64)
     # Eigen-decompose the smaller of the two Gram matrices.
     small = data @ data.T if m < dim else data.T @ data
-    # The divide-and-conquer driver for the whole spectrum: faster than computing a subset (measured 8.5 s against
-    # 12 s at 2000 x 2000 on a loaded 2-core machine).
-    values, vectors = scipy.linalg.eigh(small, driver="evd")
-    values, vectors = np.maximum(values[::-1][:count], 0.0), vectors[:, ::-1][:, :count]
+    # Only the leading ``count`` eigenpairs (MRRR): on a worker (single-threaded BLAS), 2000 x 2000 and 300 pairs,
+    # 0.95 s against 1.84 s for the whole spectrum by divide and conquer (same pairs to 1e-15).
+    size = len(small)
+    values, vectors = scipy.linalg.eigh(small, subset_by_index=(size - count, size - 1), driver="evr")
+    values, vectors = np.maximum(values[::-1], 0.0), vectors[:, ::-1]
     if m < dim:
         axes = (data.T @ vectors) / np.sqrt(np.maximum(values, np.finfo(float).tiny))
         axes = axes.T

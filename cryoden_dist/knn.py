@@ -390,8 +390,9 @@ def nearest_neighbors(
     batch: int = 8192,
     target_recall: float = 0.95,
     seed: int = 0,
+    queries: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest neighbours of every image, excluding the image itself.
+    """The ``k`` nearest neighbours of every image (or of the images ``queries``), excluding the image itself.
 
     Parameters
     ----------
@@ -407,6 +408,9 @@ def nearest_neighbors(
         As in :func:`build_index`; the tuning aims at recall@``k``.
     batch : int
         Queries searched at once (bounds the memory of one search call).
+    queries : (start, stop), optional
+        Search the neighbours of images ``start .. stop - 1`` only (all nodes stay in the index), so that
+        row ranges can be searched by separate tasks; the index is built the same way (same seed) in each.
 
     Returns
     -------
@@ -444,10 +448,13 @@ def nearest_neighbors(
     search_k = k + n_excluded
     index = _build_prepared(database, method, metric, device, nprobe, None, 32, search_k, target_recall, seed)
 
-    indices = np.empty((n, k), dtype=np.int64)
-    distances = np.empty((n, k), dtype=np.float32)
-    for start in range(0, n, batch):
-        query_ids = np.arange(start, min(start + batch, n))
+    first, last = (0, n) if queries is None else queries
+    if not 0 <= first < last <= n:
+        raise ParameterError(f"queries={queries!r}: need 0 <= start < stop <= {n} (the number of images)")
+    indices = np.empty((last - first, k), dtype=np.int64)
+    distances = np.empty((last - first, k), dtype=np.float32)
+    for start in range(first, last, batch):
+        query_ids = np.arange(start, min(start + batch, last))
         found_d, found = index.search(data[query_ids], search_k)
         excluded = _excluded(found, query_ids, n, reflections)
         short = (~excluded).sum(axis=1) < k
@@ -455,7 +462,7 @@ def nearest_neighbors(
             exact_d, exact = faiss.knn(data[query_ids[short]], database, search_k, metric=_faiss_metric(metric))
             found[short], found_d[short] = exact, exact_d
             excluded[short] = _excluded(exact, query_ids[short], n, reflections)
-        indices[query_ids], distances[query_ids] = _first_valid(found, found_d, excluded, k)
+        indices[query_ids - first], distances[query_ids - first] = _first_valid(found, found_d, excluded, k)
     if metric == "cosine":
         distances = 1.0 - distances
     # Rounding can make the squared distance of (near-)duplicates slightly negative.

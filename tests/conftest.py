@@ -21,9 +21,9 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def dask_cluster():
     """A real distributed LocalCluster (2 single-threaded worker processes) for the whole session."""
-    from distributed import LocalCluster
+    from cryoden_dist.cluster import local_cluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+    with local_cluster(2, dashboard_address=":0") as cluster:
         yield cluster
 
 

@@ -23,7 +23,13 @@ import numpy as np
 import pytest
 from _batch import REPO, SGE, SLURM, daemon_logs, job_logs, node_memory_mb, running, store_arrays, write_profile
 
-from cryoden_dist.cluster import BATCH_CLUSTERS, client_context, default_profile_path, jobqueue_kwargs
+from cryoden_dist.cluster import (
+    BATCH_CLUSTERS,
+    WORKER_ENVIRONMENT,
+    client_context,
+    default_profile_path,
+    jobqueue_kwargs,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +142,7 @@ def test_mfvdm_pipeline_on_slurm_jobs_equals_the_local_cluster_run(slurm, local_
 
 
 def _job_environment() -> dict[str, str | None]:
-    return {name: os.environ.get(name) for name in ("SLURM_JOB_ID", "CUDA_VISIBLE_DEVICES")}
+    return {name: os.environ.get(name) for name in ("SLURM_JOB_ID", "CUDA_VISIBLE_DEVICES", *WORKER_ENVIRONMENT)}
 
 
 def _where(_: int) -> tuple[str, str | None]:
@@ -189,6 +195,9 @@ def test_gpu_tagged_tasks_run_only_in_the_gpu_jobs_each_with_its_own_device(slur
 
             # --gpu-workers reached SLURM: each GPU job holds one of the node's GPUs, a different one each.
             gpu_jobs = [environment[address]["SLURM_JOB_ID"] for address in gpu_workers]
+            # The job script's malloc setting reached the GPU jobs' workers.
+            for address in gpu_workers:
+                assert all(environment[address][name] == value for name, value in WORKER_ENVIRONMENT.items())
             gres = _gres([*gpu_jobs, cpu_job])
             assert all(gres[job].endswith("gpu:1") for job in gpu_jobs) and "gpu" not in gres[cpu_job]
             devices = {environment[address]["CUDA_VISIBLE_DEVICES"] for address in gpu_workers}

@@ -8,6 +8,7 @@ rendered and read line by line.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 from cryoden_dist.cli import main
 from cryoden_dist.cluster import (
     BATCH_CLUSTERS,
+    WORKER_ENVIRONMENT,
     client_context,
     default_profile_path,
     jobqueue_kwargs,
@@ -87,6 +89,12 @@ def test_slurm_job_script_has_the_profile_and_gpu_lines():
     command = _worker_command(lines)
     assert lines.index("module load cuda/12.4") < lines.index(command)
     assert "--resources GPU=1" in command and "--nworkers 4" in command and "--nthreads 1" in command
+    # The workers' malloc setting is exported before they start, once even if the profile has it too.
+    (export,) = [line for line in lines if "MALLOC_MMAP_THRESHOLD_" in line]
+    assert export == f"export MALLOC_MMAP_THRESHOLD_={WORKER_ENVIRONMENT['MALLOC_MMAP_THRESHOLD_']}"
+    assert lines.index(export) < lines.index(command)
+    own = {**SITE, "job_script_prologue": ["export MALLOC_MMAP_THRESHOLD_=1048576"]}
+    assert jobqueue_kwargs("slurm", overrides=own)["job_script_prologue"] == own["job_script_prologue"]
     plain = _job_script("slurm", **jobqueue_kwargs("slurm", overrides=SITE))
     assert not any("--gres" in line for line in plain) and "--resources" not in _worker_command(plain)
 
@@ -222,3 +230,17 @@ def test_tls_gives_tls_workers_or_says_what_is_missing(tmp_path):
         return
     command = _worker_command(_job_script("slurm", **kwargs))
     assert " tls://" in command and "--tls-ca-file" in command
+
+
+def _spawn_environment() -> dict[str, str]:
+    """The environment the process was started with (what glibc read), not later ``os.environ`` changes."""
+    entries = Path("/proc/self/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc to read a start environment")
+def test_local_workers_start_with_the_malloc_setting():
+    with client_context(n_workers=1, dashboard_address=":0", announce=print) as client:
+        seen = client.run(_spawn_environment)
+    (environment,) = seen.values()
+    assert {name: environment.get(name) for name in WORKER_ENVIRONMENT} == WORKER_ENVIRONMENT

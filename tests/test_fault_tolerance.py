@@ -80,11 +80,13 @@ def _flag_counts(path: Path) -> dict[str, tuple[int, int]]:
 
 # ------------------------------------------------------------------------------------ (a) worker killed
 def test_worker_killed_mid_stage_is_replaced_and_the_output_is_identical(tmp_path):
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from cryoden_dist.cluster import local_cluster
 
     # Own cluster: killing one of its workers must not disturb the session cluster of the other tests.
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        local_cluster(2, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         kwargs = {"n": 800, "snr": 0.1, "box": 49, "chunk": 20, "seed": 3, "client": client}

@@ -97,6 +97,20 @@ def test_approximate_search_recall_against_flat(method):
         assert parameter["ef_search"] >= 11
 
 
+@pytest.mark.parametrize("method", ["flat", "ivf"])
+def test_row_ranges_searched_separately_equal_one_search(method):
+    # How the knn stage splits its work over tasks: each builds the same index (same seed) for its own rows.
+    features = clustered(seed=5, n=3000, d=16, n_clusters=30)
+    reflected = features[:, ::-1].copy()
+    options = {"reflected_features": reflected, "method": method, "metric": "cosine"}
+    whole = nearest_neighbors(features, 12, **options)
+    parts = [
+        nearest_neighbors(features, 12, queries=rows, **options) for rows in [(0, 1000), (1000, 2999), (2999, 3000)]
+    ]
+    for got, expected in zip(map(np.concatenate, zip(*parts, strict=True)), whole, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_explicit_nprobe_trades_recall_for_work():
     features = clustered(seed=4, n=4000, d=32, n_clusters=200, spread=2.0)
     exact, _ = nearest_neighbors(features, 10, method="flat")
@@ -224,6 +238,7 @@ def test_inputs_are_not_modified():
         (np.ones((20, 3)), {"k": 2, "method": "annoy"}, ParameterError, "method"),
         (np.ones((20, 3)), {"k": 2, "metric": "ip"}, ParameterError, "metric"),
         (np.ones((20, 3)), {"k": 2, "batch": 0}, ParameterError, "batch"),
+        (np.ones((20, 3)), {"k": 2, "queries": (5, 21)}, ParameterError, "queries"),
     ],
 )
 def test_bad_input_raises_one_line_errors(features, options, error, match):

@@ -234,6 +234,16 @@ def test_eigensolvers_agree():
         assert np.max(np.linalg.norm(S @ vectors - vectors * values, axis=0)) < 1e-5
         np.testing.assert_allclose(vectors.conj().T @ vectors, np.eye(10), atol=1e-8)
         np.testing.assert_allclose(vectors[n:], vectors[:n].conj(), atol=1e-12)
+    # Single precision (what the pipeline stores): complex64 vectors of the same subspace, float32-accurate.
+    single_values, single_vectors = mfvdm.top_eigenpairs(
+        S, 10, method="eigsh", tol=1e-4, mirrored=True, precision="single"
+    )
+    assert single_vectors.dtype == np.complex64 and single_values.dtype == np.float64
+    np.testing.assert_allclose(single_values, dense_values, atol=1e-5)
+    cosines = np.linalg.svd(vectors[:, :8].conj().T @ single_vectors, compute_uv=False)
+    assert cosines.min() > 1 - 1e-5
+    with pytest.raises(ParameterError, match="precision"):
+        mfvdm.top_eigenpairs(S, 10, precision="half")
     # k = 0: the real solver path gives the same spectrum as the dense complex one.
     S0, _ = mfvdm.normalized_connection(mfvdm.build_graph(small.neighbors, small.angles), 0)
     np.testing.assert_allclose(
