@@ -33,11 +33,11 @@ its rows) and ``align`` (one task per chunk): graph round 1
     ``k = 1 .. k_max`` (:func:`~cryoden_dist.mfvdm.eigenpairs_per_frequency`, the graph scattered once) ->
     ``mfvdm/eigenvalues``, ``mfvdm/eigenvectors`` (complex64).
 ``mfvdm-neighbors`` (about 8 tasks, :func:`coarse_bounds`: each reads all eigenvectors)
-    The ``knn`` nodes of largest MFVDM affinity among the two-hop neighbourhood of the round-1 graph
-    (:func:`refine_neighbors`; the exact search costs ``O(n 2n sum m)``) and their angles by ICIP 2021 eq. 5
-    (from the same inner products, :func:`~cryoden_dist.mfvdm.angles_from_products`) -> ``mfvdm/neighbors``,
-    ``mfvdm/affinity``, ``mfvdm/angles``.
-    Same data: 81.6 % -> 87.8 % within 10 degrees (the best 10: 92.8 % -> 95.2 %).
+    The ``knn`` nodes of largest MFVDM affinity among the two-hop neighbourhood of the round-1 graph, the second
+    hop through each image's best ``hop_neighbors`` (10) neighbours (:data:`HOP_NEIGHBORS`; :func:`refine_neighbors`;
+    the exact search costs ``O(n 2n sum m)``), and their angles by ICIP 2021 eq. 5 (from the same inner products,
+    :func:`~cryoden_dist.mfvdm.angles_from_products`) -> ``mfvdm/neighbors``, ``mfvdm/affinity``, ``mfvdm/angles``.
+    Same data: 81.6 % -> 88.2 % within 10 degrees (87.8 % with the second hop through all 50).
 ``average-2``, ``features-2``, ``knn-2``, ``align-2``: graph round 2 (``rounds``, default 2; then 3 ..)
     Each image's sPCA coefficients averaged with those of its ``average_knn`` (10) best round-1 neighbours
     rotated into its frame (:func:`aligned_average`) -> ``round2/coeffs``, and round 1 again on these averages
@@ -187,6 +187,7 @@ __all__ = [
     "run_mfvdm",
     "shared_stages",
     "two_hop_candidates",
+    "HOP_NEIGHBORS",
 ]
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,12 @@ TWO_PI = 2.0 * np.pi
 DIFFUSION_TIME = 1
 #: About how many tasks ``mfvdm-neighbors`` runs (:func:`coarse_bounds`).
 REFINE_TASKS = 8
+#: MFVDM's candidates: the initial neighbours and the neighbours of the best ``HOP_NEIGHBORS`` of them (sorted by
+#: aligned correlation). Measured on the 70S map (n 10^4; 50 refined neighbours within 10 degrees, time of 2500
+#: rows): SNR 0.05 through all 50: 87.6 % (406 candidates per image, 4.6 s), 25: 87.8 %, 15: 88.0 %, 10: 88.2 %
+#: (177, 2.6 s), 5: 88.2 %; SNR 0.01: 6.20 % (1422, 12.0 s), 6.32 %, 6.44 %, 6.48 % (436, 4.0 s), 6.52 %. The
+#: neighbours of poorly matched neighbours add mostly wrong candidates.
+HOP_NEIGHBORS = 10
 #: Image rows whose candidate affinities are computed at once (memory ``rows x candidates x m`` complex64).
 AFFINITY_ROWS = 16
 #: Images averaged at once by :func:`aligned_average` (memory ``rows x knn x count`` complex64).
@@ -266,6 +273,7 @@ MFVDM_DEFAULTS: dict[str, Any] = {
     "edge_weights": "uniform",
     "k_filter": 24,
     "rounds": 2,
+    "hop_neighbors": HOP_NEIGHBORS,
 }
 #: ``class-average`` parameters (one graph round: the FAISS candidates re-ranked by alignment).
 CLASS_AVERAGE_DEFAULTS: dict[str, Any] = {**_COMMON_DEFAULTS, "rounds": 1}
@@ -324,7 +332,9 @@ def neighbor_accuracy(neighbors: np.ndarray, rotations: np.ndarray, max_angle: f
 
 
 # ============================================================================================= the graph
-def two_hop_candidates(neighbors: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def two_hop_candidates(
+    neighbors: np.ndarray, rows: np.ndarray, hop_neighbors: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The neighbours and neighbours of neighbours of some images, over ``2n`` nodes with mirror images.
 
     The neighbours of a mirror node ``j + n`` are the mirrors of those of ``j``: ``(l + n) mod 2n``.
@@ -332,9 +342,12 @@ def two_hop_candidates(neighbors: np.ndarray, rows: np.ndarray) -> tuple[np.ndar
     Parameters
     ----------
     neighbors : ndarray of int, shape (n, K)
-        Nodes ``0 .. 2n-1`` (``j >= n``: mirror of image ``j - n``), e.g. the initial kNN.
+        Nodes ``0 .. 2n-1`` (``j >= n``: mirror of image ``j - n``), e.g. the initial kNN, best first.
     rows : ndarray of int, shape (b,)
         The images.
+    hop_neighbors : int, optional
+        The second hop goes through the first ``hop_neighbors`` neighbours of each image only (all ``K``
+        by default): all ``K`` first-hop nodes and the ``K`` neighbours of each of those.
 
     Returns
     -------
@@ -346,8 +359,9 @@ def two_hop_candidates(neighbors: np.ndarray, rows: np.ndarray) -> tuple[np.ndar
     n = neighbors.shape[0]
     rows = np.asarray(rows, dtype=np.int64)
     first = neighbors[rows].astype(np.int64)
-    second = neighbors[first % n].astype(np.int64)  # [b, K, K]
-    second = np.where((first >= n)[..., None], (second + n) % (2 * n), second)
+    through = first[:, :hop_neighbors]
+    second = neighbors[through % n].astype(np.int64)  # [b, J, K]
+    second = np.where((through >= n)[..., None], (second + n) % (2 * n), second)
     candidates = np.sort(np.concatenate([first, second.reshape(rows.size, -1)], axis=1), axis=1)
     invalid = np.zeros(candidates.shape, dtype=bool)
     invalid[:, 1:] = candidates[:, 1:] == candidates[:, :-1]
@@ -425,6 +439,7 @@ def refine_neighbors(
     rows: np.ndarray,
     n_neighbors: int,
     t: float = DIFFUSION_TIME,
+    hop_neighbors: int | None = HOP_NEIGHBORS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MFVDM neighbours ranked among the two-hop neighbourhood of the initial graph, and their angles.
 
@@ -447,6 +462,9 @@ def refine_neighbors(
         Neighbours kept per image (at most the number of candidates of the row with fewest).
     t : float
         Diffusion time.
+    hop_neighbors : int, optional
+        Second hop through the best ``hop_neighbors`` initial neighbours only (:func:`two_hop_candidates`;
+        ``None``: all). Default :data:`HOP_NEIGHBORS`.
 
     Returns
     -------
@@ -458,7 +476,7 @@ def refine_neighbors(
     """
     joined = joined_embedding(embeddings, t)
     rows = np.asarray(rows, dtype=np.int64)
-    candidates, valid = two_hop_candidates(initial, rows)
+    candidates, valid = two_hop_candidates(initial, rows, hop_neighbors)
     if valid.sum(axis=1).min() < n_neighbors:
         raise ParameterError(f"mfvdm: some images have fewer than {n_neighbors} two-hop candidates; lower --param knn")
     affinity = candidate_affinity(joined, len(embeddings), rows, candidates, valid)
@@ -825,11 +843,11 @@ def _stored_embeddings(store: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     return {k + 1: (values[k], vectors[:, k * m : (k + 1) * m]) for k in range(values.shape[0])}
 
 
-def _refine_chunk(start: int, stop: int, store: str, n_neighbors: int, prefix: str) -> dict:
+def _refine_chunk(start: int, stop: int, store: str, n_neighbors: int, prefix: str, hop_neighbors: int) -> dict:
     embeddings = _stored_embeddings(store)
     rows = np.arange(start, stop)
     neighbors, affinity, angles = refine_neighbors(
-        embeddings, _read(store, f"{prefix}graph/neighbors"), rows, n_neighbors
+        embeddings, _read(store, f"{prefix}graph/neighbors"), rows, n_neighbors, hop_neighbors=hop_neighbors
     )
     return {"mfvdm/neighbors": neighbors, "mfvdm/affinity": affinity, "mfvdm/angles": angles}
 
@@ -962,7 +980,9 @@ def resolve_mfvdm(source: ParticleStack, params: dict) -> dict:
     averages (10). ``ctf_epsilon``: Wiener constant of
     the CTF correction (0.003). ``n_features``: dimension of the invariant features (300). ``edge_weights``:
     ``"uniform"`` (the authors' code, default) or ``"correlation"`` (alignment correlation clipped to
-    ``[1e-3, 1]``) for the initial graph. ``device``: FAISS ``"auto"``, ``"cpu"`` or ``"gpu"``.
+    ``[1e-3, 1]``) for the initial graph. ``hop_neighbors``: MFVDM's candidates are the initial neighbours and
+    the neighbours of the best ``hop_neighbors`` of them (10, :data:`HOP_NEIGHBORS`). ``device``: FAISS
+    ``"auto"``, ``"cpu"`` or ``"gpu"``.
     """
     resolved = _resolve_common("mfvdm", source, params)
     n_nodes = 2 * source.n
@@ -974,6 +994,7 @@ def resolve_mfvdm(source: ParticleStack, params: dict) -> dict:
         filter=_choice("mfvdm", "filter", params["filter"], _FILTERS),
         edge_weights=_choice("mfvdm", "edge_weights", params["edge_weights"], _EDGE_WEIGHTS),
         k_filter=_integer("mfvdm", "k_filter", params["k_filter"], 0),
+        hop_neighbors=_integer("mfvdm", "hop_neighbors", params["hop_neighbors"], 1, resolved["knn"]),
     )
     return resolved
 
@@ -1296,7 +1317,8 @@ def run_mfvdm(source: ParticleStack, target: ParticleStack, params: dict, client
             )
             values = np.stack([pairs[k][0] for k in pairs])
             _array(target, "mfvdm/eigenvalues", (k_max, m), np.float64)[...] = values
-            vectors = np.concatenate([pairs[k][1] for k in pairs], axis=1).astype(np.complex64)
+            vectors = np.concatenate([pairs[k][1] for k in pairs], axis=1).astype(np.complex64, copy=False)
+            del pairs  # the per-frequency copies, before the write adds its own buffers
             _array(target, "mfvdm/eigenvectors", vectors.shape, np.complex64, run.rows)[...] = vectors
 
         run.stages.run(
@@ -1310,9 +1332,9 @@ def run_mfvdm(source: ParticleStack, target: ParticleStack, params: dict, client
             "mfvdm-neighbors",
             client,
             _refine_chunk,
-            lambda: (run.store, knn, round_prefix(1)),
+            lambda: (run.store, knn, round_prefix(1), params["hop_neighbors"]),
             bounds=coarse_bounds(n, run.rows),
-            params={"knn": knn, "candidates": "two-hop", "t": DIFFUSION_TIME},
+            params={"knn": knn, "candidates": "two-hop", "hop_neighbors": params["hop_neighbors"], "t": DIFFUSION_TIME},
         )
         return "mfvdm/neighbors"
 

@@ -110,6 +110,13 @@ def test_two_hop_candidates_are_distinct_and_exclude_the_image_and_its_mirror():
     assert set((planted.neighbors[node - 200] + 200) % 400) - {mirrored, mirrored + 200} <= set(
         candidates[mirrored][valid[mirrored]]
     )
+    # A second hop through the best 3 neighbours only: all first-hop nodes, the neighbours of those 3, nothing else.
+    few, few_valid = two_hop_candidates(planted.neighbors, rows, hop_neighbors=3)
+    for row in (0, 57, 199):
+        through = planted.neighbors[row, :3]
+        second = [(planted.neighbors[j % 200] + 200 * (j >= 200)) % 400 for j in through]
+        expected = (set(planted.neighbors[row]) | set(np.concatenate(second))) - {row, row + 200}
+        assert set(few[row][few_valid[row]]) == expected
 
 
 @pytest.mark.parametrize(("outliers", "overlap"), [(0.3, 0.95), (0.6, 0.7)])
